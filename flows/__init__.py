@@ -1,0 +1,1 @@
+"""Prefect flows (the pipeline wiring) and the `quantmill` command line."""

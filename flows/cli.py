@@ -1,0 +1,155 @@
+"""The `quantmill` command line: run, validate, demo (and report/pull/generate/plan)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from quantmill import state
+from quantmill.errors import QuantmillError
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+class _OneLineErrors(logging.Filter):
+    """Keep Prefect's console free of tracebacks for user errors (the CLI prints one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, QuantmillError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_OneLineErrors())
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -> None:
+    """The final table of variants, step states, and where to look next."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"{summary.model_name}: variants (baseline perplexity {summary.baseline['perplexity']:.3f})")
+    for col in ("variant", "method", "bits", "size", "compr.", "perplexity", "delta", "gate", "version"):
+        table.add_column(col, justify="right" if col not in {"variant", "method", "gate"} else "left")
+    for r in summary.rows:
+        table.add_row(
+            r["variant"], r["method"], str(r["bits"]), human_bytes(r["size_bytes"]), f"{r['compression']:.2f}x",
+            f"{r['perplexity']:.3f}", f"{r['ppl_delta_pct']:+.2f}%",
+            "[green]pass[/]" if r["gate"] == "pass" else f"[red]FAIL[/] {r['reasons']}", str(r["version"] or "-"),
+        )
+    console.print(table)
+    if states:
+        cached = sum(1 for _, s in states if s == "Cached")
+        console.print(f"steps: {len(states)} task runs, {cached} cached: " + ", ".join(f"{n}={s}" for n, s in states))
+    console.print(f"aliases: {summary.aliases}   MLflow run: {summary.run_id}   time: {seconds:.1f} s")
+    console.print(f"state folder: {state.home()}")
+    for cmd in state.viewer_commands():
+        console.print(f"  view: {cmd}")
+
+
+def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
+    """(task name, final state name) of every task run in a flow run, in start order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = sorted(runs, key=lambda r: r.expected_start_time or r.created)
+    return [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
+
+
+def run_profile(path: str, overrides: Sequence[str]) -> Any:
+    """Validate the profile, run the pipeline flow, print the summary; returns the RunSummary."""
+    from quantmill.profile import load_profile
+
+    profile = load_profile(path, list(overrides))
+    from quantmill.tracking import check_reachable
+
+    check_reachable()
+    _quiet_user_errors()
+    from flows.pipeline import quantize_pipeline
+
+    start = time.time()
+    state_ = quantize_pipeline(profile, return_state=True)
+    summary = state_.result()
+    print_summary(summary, task_states(state_.state_details.flow_run_id), time.time() - start)
+    return summary
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run_profile(args.profile, args.set or [])
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from quantmill.profile import load_profile
+
+    profile = load_profile(args.profile, args.set or [])
+    print(f"{args.profile}: ok ({len(profile.recipes)} recipes: {', '.join(r.name for r in profile.recipes)})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    from quantmill.demo import build_demo_assets
+
+    assets = build_demo_assets(state.home() / "demo", arch="llama", with_adapter=True)
+    os.environ["QUANTMILL_DEMO"] = str(assets.root)
+    run_profile(str(PROFILES / "demo.yaml"), args.set or [])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (built on demand, never at import)."""
+    parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a profile through the pipeline")
+    p.add_argument("profile")
+    p.add_argument("--set", action="append", metavar="dotted.key=value", help="override a profile field")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("validate", help="check a profile without running anything")
+    p.add_argument("profile")
+    p.add_argument("--set", action="append", metavar="dotted.key=value")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("demo", help="build the demo model (once) and run profiles/demo.yaml")
+    p.add_argument("--set", action="append", metavar="dotted.key=value")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `quantmill` console script."""
+    args = build_parser().parse_args(argv)
+    state.configure_environment()
+    try:
+        return args.fn(args)
+    except QuantmillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

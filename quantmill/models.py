@@ -1,0 +1,84 @@
+"""Facts about a model folder read from its files alone (config, safetensors headers)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from quantmill.errors import QuantmillError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+META_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def safetensors_params(path: Path) -> int:
+    """Number of parameters in one .safetensors file, from its header only."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        total += count
+    return total
+
+
+def check_model_dir(path: Path, field: str, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Refuse folders we cannot or must not load, naming the field and the fix."""
+    if not path.is_dir():
+        raise QuantmillError(f"{field}: {path} does not exist or is not a folder; fix the path")
+    if not (path / "config.json").is_file():
+        raise QuantmillError(f"{field}: {path} has no config.json; point at a transformers model folder")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise QuantmillError(
+            f"{field}: {path} needs custom code (auto_map in config.json); "
+            f"set {field.rsplit('.', 1)[0]}.trust_remote_code: true if you trust it"
+        )
+    has_st = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_st and has_pickle and not allow_pickle:
+        raise QuantmillError(
+            f"{field}: {path} has only pickle (.bin) weights, which can run code when loaded; "
+            f"convert to safetensors or set {field.rsplit('.', 1)[0]}.allow_pickle: true"
+        )
+    if not has_st and not has_pickle:
+        raise QuantmillError(f"{field}: {path} has no weight files (*.safetensors)")
+
+
+def model_summary(path: Path) -> dict[str, Any]:
+    """Architecture, sizes and parameter count of a model folder."""
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    return {
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "model_type": config.get("model_type"),
+        "hidden_size": config.get("hidden_size"),
+        "num_hidden_layers": config.get("num_hidden_layers"),
+        "num_attention_heads": config.get("num_attention_heads"),
+        "num_key_value_heads": config.get("num_key_value_heads"),
+        "vocab_size": config.get("vocab_size"),
+        "max_position_embeddings": config.get("max_position_embeddings"),
+        "tie_word_embeddings": config.get("tie_word_embeddings"),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "num_parameters": sum(safetensors_params(f) for f in files),
+        "weight_bytes": sum(f.stat().st_size for f in files),
+        "weight_files": len(files),
+    }

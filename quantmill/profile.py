@@ -1,0 +1,264 @@
+"""Run profiles: strict pydantic models loaded from YAML, with `--set` overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantmill.errors import ProfileError
+
+HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    """Base for profile sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def expand(path: str) -> str:
+    """Expand ${VARS} and ~ in a path-like string."""
+    return os.path.expanduser(os.path.expandvars(path))
+
+
+class Source(Strict):
+    """A Hugging Face repo id at a pinned revision, or a local directory."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "Source":
+        if (self.repo_id is None) == (self.path is None):
+            raise ValueError("give exactly one of 'repo_id' (Hugging Face) or 'path' (local directory)")
+        if self.repo_id is not None:
+            if not HF_REPO.match(self.repo_id):
+                raise ValueError(f"repo_id {self.repo_id!r} is not of the form 'owner/name'")
+            if not self.revision:
+                raise ValueError("a hub model needs a pinned 'revision' (commit sha or tag) for reproducible runs")
+        if self.path is not None:
+            self.path = expand(self.path)
+        return self
+
+    @property
+    def label(self) -> str:
+        """Human-readable origin."""
+        return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.path)
+
+
+class TextSource(Strict):
+    """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset."""
+
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "TextSource":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of 'path' (local .txt/.jsonl/.csv) or 'dataset' (hub dataset name)")
+        if self.path is not None:
+            self.path = expand(self.path)
+            if Path(self.path).suffix.lower() not in {".txt", ".jsonl", ".csv"}:
+                raise ValueError(f"path {self.path!r}: use a .txt, .jsonl or .csv file")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Human-readable origin."""
+        return self.path or f"{self.dataset}/{self.config or ''}:{self.split}[{self.text_field}]"
+
+
+class Calibration(Strict):
+    """How calibration windows are drawn."""
+
+    source: TextSource
+    num_samples: int = Field(64, gt=0, le=100_000)
+    seq_len: int = Field(128, gt=0)
+    seed: int = 0
+
+
+class Gates(Strict):
+    """Quality gates; unset bounds use per-method defaults (perplexity) or are not checked."""
+
+    max_ppl_increase_pct: float | None = Field(None, ge=0)
+    max_kl: float | None = Field(None, ge=0)
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_size_bytes: int | None = Field(None, gt=0)
+    max_latency_ms_p50: float | None = Field(None, gt=0)
+
+
+class Evaluation(Strict):
+    """Held-out evaluation text and gates."""
+
+    source: TextSource
+    max_tokens: int = Field(16384, gt=0)
+    window: int | None = Field(None, gt=1)
+    stride: int | None = Field(None, gt=0)
+    gates: Gates = Gates()
+    method_gates: dict[str, Gates] = {}
+
+
+class Registry(Strict):
+    """Where passing variants are registered."""
+
+    model_name: str = Field(min_length=1)
+    aliases: list[str] = ["candidate", "champion"]
+    champion_objective: Literal["smallest_size", "lowest_perplexity"] = "smallest_size"
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[\w.-]+$", v):
+            raise ValueError("use letters, digits, '.', '_' or '-'")
+        return v
+
+
+class Storage(Strict):
+    """Artifact store root (a local folder)."""
+
+    root: str = "${QUANTMILL_HOME}/artifacts"
+
+    @field_validator("root")
+    @classmethod
+    def _expand(cls, v: str) -> str:
+        return expand(v)
+
+
+class Recipe(Strict):
+    """One variant: a registered method and its parameters (validated by the method's config)."""
+
+    method: str
+    name: str | None = None
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = {"method", "name", "params"}
+            extra = {k: v for k, v in data.items() if k not in known}
+            data = {k: v for k, v in data.items() if k in known}
+            data["params"] = {**data.get("params", {}), **extra}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        from tasks.quantize import build_config
+
+        config = build_config(self.method, self.params)
+        self.params = config.model_dump(mode="json")
+        if self.name is None:
+            bits = config.weight_bits
+            gs = config.weight_group_size
+            self.name = f"{self.method}-w{bits}" + (f"g{gs}" if gs and gs > 0 else "")
+        return self
+
+    def config(self):  # noqa: ANN201 - MethodConfig, imported lazily
+        """The method's typed config."""
+        from tasks.quantize import build_config
+
+        return build_config(self.method, self.params)
+
+
+class Profile(Strict):
+    """A whole run: model (+adapter) -> calibration -> recipes -> evaluation -> registry."""
+
+    name: str = "quantmill"
+    model: Source
+    adapter: Source | None = None
+    calibration: Calibration
+    recipes: list[Recipe] = Field(min_length=1)
+    evaluation: Evaluation
+    registry: Registry
+    storage: Storage = Storage()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Profile":
+        names = [r.name for r in self.recipes]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))} (set 'name')")
+        return self
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set data[a][b][0][c] = value for 'a.b.0.c'."""
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ProfileError(f"--set {dotted}: {key!r} is not an index of a {len(node)}-item list")
+            key = int(key)  # type: ignore[assignment]
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ProfileError(f"--set {dotted}: cannot descend into a {type(node).__name__}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ProfileError(f"--set {item!r}: use dotted.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else None)
+    return data
+
+
+def format_error(source: str, exc: ValidationError) -> str:
+    """One line: file, field path, reason."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see profiles/demo.yaml for the schema)"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    return f"{source}: {loc or '<root>'}: {msg}"
+
+
+def parse_profile(data: Any, source: str = "<profile>") -> Profile:
+    """Validate a loaded mapping into a Profile, raising ProfileError with the field path."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: the profile must be a YAML mapping of sections")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(format_error(source, exc)) from None
+
+
+def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Profile:
+    """Read, override and validate a YAML profile; every failure is one clear line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProfileError(f"{p}: profile file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "syntax"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(f"{p}: YAML error at {where}: {problem}") from None
+    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
+    return parse_profile(data, str(p))

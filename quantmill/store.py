@@ -1,0 +1,135 @@
+"""Content-addressed artifact store: atomic writes, manifests, verified cache hits."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from quantmill.hashing import manifest_digest, manifest_of, stable_hash
+
+MANIFEST = ".manifest.json"
+log = logging.getLogger("quantmill.store")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A committed artifact: where it is, its content digest, the record its step returned."""
+
+    key: str
+    path: Path
+    digest: str
+    record: dict[str, Any]
+    size_bytes: int
+    cached: bool
+
+
+def artifact_key(step: str, **parts: Any) -> str:
+    """Key for a step's output from its inputs' content hashes, parameters and code version."""
+    return f"{step}-{stable_hash(parts)[:24]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactStore:
+    """Step outputs under `root/objects/<key>`, staged in `root/tmp` and renamed into place."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        for sub in ("objects", "tmp", "locks", "trash"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """Final location of an artifact."""
+        return self.root / "objects" / key
+
+    def verify(self, key: str) -> str | None:
+        """None when the artifact is intact, else why not ('missing', or the damaged file)."""
+        final = self.path(key)
+        try:
+            saved = json.loads((final / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return "missing" if not final.exists() else f"{final / MANIFEST}: unreadable manifest"
+        for rel, entry in saved["files"].items():
+            f = final / rel
+            if not f.is_file() or f.stat().st_size != entry["size"]:
+                return f"{f}: missing or wrong size"
+        current = manifest_of(final, skip=[MANIFEST])
+        if current != saved["files"]:
+            bad = sorted(k for k in set(current) | set(saved["files"]) if current.get(k) != saved["files"].get(k))
+            return f"{final / bad[0]}: content changed" if bad else "manifest mismatch"
+        return None
+
+    def load(self, key: str, cached: bool = True) -> Artifact:
+        """Read a committed artifact's manifest (caller verified it)."""
+        final = self.path(key)
+        saved = json.loads((final / MANIFEST).read_text())
+        size = sum(e["size"] for e in saved["files"].values())
+        return Artifact(key, final, saved["digest"], saved.get("record", {}), size, cached)
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Exclusive inter-process lock on one key (another process waits)."""
+        with open(self.root / "locks" / f"{key}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def clean_stale(self) -> None:
+        """Remove staging folders left by processes that died (e.g. kill -9)."""
+        for tmp in (self.root / "tmp").iterdir():
+            parts = tmp.name.split(".")
+            pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
+            if pid is None or not _pid_alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(self.root / "trash", ignore_errors=True)
+        (self.root / "trash").mkdir(exist_ok=True)
+
+    def commit(self, key: str, staged: Path, record: dict[str, Any]) -> Artifact:
+        """Write the manifest and atomically move a staged folder into place."""
+        files = manifest_of(staged, skip=[MANIFEST])
+        digest = manifest_digest(files)
+        manifest = {"key": key, "digest": digest, "files": files, "record": record, "created": time.time()}
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+        final = self.path(key)
+        if final.exists():
+            os.replace(final, self.root / "trash" / f"{key}.{uuid.uuid4().hex}")
+        os.replace(staged, final)
+        return self.load(key, cached=False)
+
+    def get_or_build(
+        self, key: str, build: Callable[[Path], dict[str, Any]], *, force: bool = False
+    ) -> Artifact:
+        """Return the verified artifact for `key`, building it (once, under a lock) if needed."""
+        with self.lock(key):
+            problem = self.verify(key)
+            if problem is None and not force:
+                return self.load(key)
+            if problem != "missing":
+                log.warning("artifact %s is damaged (%s); recomputing", key, problem)
+            self.clean_stale()
+            staged = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            staged.mkdir(parents=True)
+            try:
+                record = build(staged)
+                return self.commit(key, staged, record)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)

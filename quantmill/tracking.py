@@ -1,0 +1,65 @@
+"""MLflow plumbing: tracking URI, experiment, the pipeline's parent run, flattened params."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from quantmill import state
+from quantmill.errors import QuantmillError
+
+SECRET_HINTS = ("token", "secret", "password", "api_key")
+
+
+def client():  # noqa: ANN201 - mlflow.MlflowClient
+    """An MlflowClient on the configured tracking URI (a SQLite file by default)."""
+    import mlflow
+
+    uri = state.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def check_reachable(timeout_s: float = 10.0) -> None:
+    """Fail with one clear line when a remote tracking server cannot be reached."""
+    uri = state.tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException:
+        raise QuantmillError(
+            f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {uri}; start it or unset the variable "
+            "to use the local SQLite store"
+        ) from None
+
+
+def experiment_id(name: str) -> str:
+    """Id of the experiment `name`, created with a state-folder artifact location if needed."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if state.tracking_uri().startswith("sqlite:"):
+        location = (state.artifact_root() / name).as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {'a.b.c': 'value'} for MLflow params, with secrets dropped."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if any(h in str(k).lower() for h in SECRET_HINTS):
+                continue
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list):
+        out[prefix.rstrip(".")] = json.dumps(data, default=str)[:6000]
+    else:
+        out[prefix.rstrip(".")] = str(data)[:6000]
+    return out

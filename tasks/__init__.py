@@ -1,0 +1,1 @@
+"""Pipeline steps, one module per step; each exposes a Prefect task."""

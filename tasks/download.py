@@ -1,0 +1,101 @@
+"""Download step: a pinned hub snapshot (weights, config, tokenizer) or a hashed local folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from prefect import task
+from prefect.tasks import exponential_backoff
+
+from quantmill.caching import StepCache, step_key
+from quantmill.errors import NetworkError, QuantmillError, retry_on_transient
+from quantmill.hashing import hash_tree
+from quantmill.models import META_PATTERNS, WEIGHT_PATTERNS, check_model_dir, model_summary
+from quantmill.profile import Source
+from quantmill.refs import ModelRef
+from quantmill.store import ArtifactStore
+
+CODE_VERSION = "1"
+
+
+def fetch_snapshot(source: Source, dest: Path, allow: tuple[str, ...]) -> None:
+    """snapshot_download of a pinned revision into dest; token from HF_TOKEN, never logged."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        snapshot_download(
+            source.repo_id,
+            revision=source.revision,
+            local_dir=dest,
+            allow_patterns=list(allow),
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise QuantmillError(
+            f"repo_id {source.repo_id!r}: not found or not accessible ({type(exc).__name__}); "
+            "check the name and set HF_TOKEN for private or gated repos"
+        ) from None
+    except RevisionNotFoundError:
+        raise QuantmillError(f"revision {source.revision!r} of {source.repo_id}: not found; pin an existing commit or tag") from None
+    except LocalEntryNotFoundError:
+        raise NetworkError(
+            f"repo_id {source.repo_id!r}: the Hugging Face hub is unreachable (offline?); "
+            "retry when online or use a local 'path'"
+        ) from None
+    shutil.rmtree(dest / ".cache", ignore_errors=True)
+
+
+def _key(source: Source, field: str) -> str:
+    return step_key(f"download-{field}", CODE_VERSION, {"source": source})
+
+
+def resolve(source: Source, field: str, store_root: str) -> tuple[Path, str]:
+    """Local folder and content hash of a source; hub repos are downloaded into the store."""
+    if source.path is not None:
+        path = Path(source.path).resolve()
+        if not path.is_dir():
+            raise QuantmillError(f"{field}.path: {path} does not exist or is not a folder; fix the path")
+        return path, hash_tree(path)
+    if field == "adapter":
+        allow: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "*.json", "*.txt")
+    else:
+        allow = WEIGHT_PATTERNS + META_PATTERNS + (("*.bin",) if source.allow_pickle else ())
+    art = ArtifactStore(store_root).get_or_build(
+        _key(source, field), lambda d: fetch_snapshot(source, d, allow) or {}
+    )
+    return art.path, art.digest
+
+
+def _verify(key: str, inputs: dict) -> str | None:
+    """Hub snapshots must still be intact in the store; local folders are keyed by their files."""
+    source: Source = inputs["source"]
+    if source.path is not None:
+        return None
+    return ArtifactStore(inputs["store_root"]).verify(_key(source, "model"))
+
+
+@task(
+    name="download",
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on_transient,
+    cache_policy=StepCache(step="download", code_version=CODE_VERSION, verifier=_verify),
+    persist_result=True,
+)
+def download(source: Source, store_root: str) -> ModelRef:
+    """Fetch (or hash) the base model; return a reference with its content hash."""
+    path, digest = resolve(source, "model", store_root)
+    check_model_dir(path, "model", source.allow_pickle, source.trust_remote_code)
+    return ModelRef(
+        path=str(path), sha256=digest, source=source.label, revision=source.revision,
+        summary=model_summary(path),
+    )

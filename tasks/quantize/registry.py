@@ -1,0 +1,149 @@
+"""The quantization method registry: one config model per method, registered beside its handler."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from quantmill.errors import QuantmillError
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config; serialises to a typed, versioned dict for lineage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits per stored weight (for tags and size estimates)."""
+        return int(getattr(self, "bits", 16))
+
+    @property
+    def weight_group_size(self) -> int | None:
+        """Quantization group size, None for per-channel or not applicable."""
+        return getattr(self, "group_size", None)
+
+    def default_max_ppl_increase_pct(self) -> float:
+        """Default quality gate: allowed perplexity increase over the baseline, in percent."""
+        return 2.0 if self.weight_bits >= 8 else 5.0
+
+    def check_model(self, info: "ModelInfo") -> None:
+        """Raise ValueError when this config cannot be applied to the model (field and reason)."""
+        gs = self.weight_group_size
+        if gs and gs > 0:
+            for name, in_features in info.linear_in_features.items():
+                if in_features % gs:
+                    raise ValueError(
+                        f"group_size={gs} does not divide in_features={in_features} of {name}; "
+                        "choose a divisor (or -1 for per-channel)"
+                    )
+
+    def check_device(self, device: str) -> None:
+        """Raise ValueError when an option needs hardware this machine lacks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialised config: {'type', 'version', **fields}; what lineage logs."""
+        return {"type": self.TYPE, "version": self.VERSION, **self.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a model, read from its config and weight index."""
+
+    architecture: str
+    linear_in_features: dict[str, int] = field(default_factory=dict)
+    max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Inputs of one quantization: the full-precision model, calibration tokens, output folder."""
+
+    model_dir: Path
+    out_dir: Path
+    calibration: Path | None
+    device: str
+    progress: Callable[[str], None] = print
+
+
+@dataclass
+class QuantizeResult:
+    """What a handler reports: modules quantized/kept and per-layer errors (for metrics)."""
+
+    quantized_modules: list[str]
+    kept_modules: list[str]
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Handler = Callable[[Any, QuantizeJob], QuantizeResult]
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """A registered method: its name, config model, handler and whether it needs calibration data."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    handler: Handler
+    calibrated: bool
+    summary: str
+
+
+_METHODS: dict[str, QuantMethod] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False
+) -> Callable[[Handler], Handler]:
+    """Decorator registering `handler` as method `name` with its config model."""
+    if not _NAME.match(name):
+        raise ValueError(f"method name {name!r} must be lower-case words joined by '-'")
+    if not issubclass(config_cls, MethodConfig):
+        raise TypeError(f"{config_cls.__name__} must subclass MethodConfig")
+
+    def decorate(handler: Handler) -> Handler:
+        if name in _METHODS and _METHODS[name].handler is not handler:
+            raise ValueError(f"quantization method {name!r} is already registered")
+        config_cls.TYPE = config_cls.TYPE or name
+        doc = (handler.__doc__ or "").strip().splitlines()
+        _METHODS[name] = QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else "")
+        return handler
+
+    return decorate
+
+
+def known_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> QuantMethod:
+    """The registered method, or a QuantmillError listing the known ones."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise QuantmillError(
+            f"unknown quantization method {name!r}; known methods: {', '.join(known_methods())}"
+        ) from None
+
+
+def build_config(name: str, params: dict[str, Any]) -> MethodConfig:
+    """Validate a recipe's parameters against the method's config model."""
+    method = get_method(name)
+    try:
+        return method.config_cls(**params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "params"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown option for method {name!r} (options: {', '.join(method.config_cls.model_fields)})"
+        raise QuantmillError(f"{loc}: {msg}") from None
