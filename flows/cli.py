@@ -113,7 +113,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from quantmill.demo import build_demo_assets
 
-    assets = build_demo_assets(state.home() / "demo", arch="llama", with_adapter=True)
+    root = os.environ.get("QUANTMILL_DEMO_ROOT") or state.home() / "demo"
+    assets = build_demo_assets(Path(root), arch="llama", with_adapter=True)
     os.environ["QUANTMILL_DEMO"] = str(assets.root)
     run_profile(str(PROFILES / "demo.yaml"), args.set or [])
     return 0

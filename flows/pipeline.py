@@ -15,7 +15,7 @@ from tasks.merge import merge
 from tasks.quantize import check_recipes, quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
-from tasks.track import log_results, start_run
+from tasks.track import log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -54,14 +54,16 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
     baseline = evaluate(model, data, device, store)
-    rows = []
+    rows, variants = [], []
     for recipe in profile.recipes:
         ckpt = quantize(model, recipe, calib, device, store)
         result = evaluate(ckpt, data, device, store)
         verdict = gate(ckpt, result, baseline, profile.evaluation)
-        version = register(ckpt, result, verdict, baseline, model, profile.registry, profile.registry.model_name, run_id)
+        version = register(ckpt, result, verdict, baseline, base, model, calib, profile.registry, run_id)
         rows.append(summary_row(ckpt, result, baseline, verdict, version))
+        variants.append({"ckpt": ckpt, "result": result, "verdict": verdict, "version": version})
     aliases = promote(profile.registry)
+    log_lineage(run_id, base, model, calib, data, baseline, variants)
     log_results(run_id, rows)
     return RunSummary(
         run_id=run_id, model_name=profile.registry.model_name, baseline=baseline.metrics, rows=rows, aliases=aliases

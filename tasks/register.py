@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
-from typing import Any
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
 
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from quantmill import tracking
+from quantmill import modelcard, state, tracking
 from quantmill.caching import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Registry
-from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.store import MANIFEST
 
 CODE_VERSION = "1"
 SHA_TAG = "quantmill.checkpoint_sha256"
 
 
-def version_tags(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef) -> dict[str, str]:
+def version_tags(
+    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef
+) -> dict[str, str]:
     """Tags every registered version carries (what, from where, how good)."""
     cfg = ckpt.config
     delta = 100.0 * (result.metrics["perplexity"] / baseline.metrics["perplexity"] - 1.0)
@@ -32,8 +41,8 @@ def version_tags(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: 
         "base_model": base.source,
         "base_revision": str(base.revision or ""),
         "base_sha256": base.sha256,
-        "adapter_sha256": str(base.adapter_sha256 or ""),
-        "merged_sha256": base.sha256 if base.merged else "",
+        "adapter_sha256": str(model.adapter_sha256 or ""),
+        "merged_sha256": model.sha256 if model.merged else "",
         "calibration_digest": str(ckpt.calib_digest or ""),
         "eval_digest": result.eval_digest,
         "perplexity": f"{result.metrics['perplexity']:.6g}",
@@ -66,6 +75,45 @@ def _verify(key: str, inputs: dict[str, Any]) -> str | None:
 REGISTER_CACHE = StepCache(step="register", code_version=CODE_VERSION, verifier=_verify)
 
 
+@contextlib.contextmanager
+def registry_lock(name: str) -> Iterator[None]:
+    """Serialise registrations of one model name across processes on this machine."""
+    path = state.home() / "locks" / f"registry-{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def stage_with_card(ckpt: CheckpointRef, card: str, dest: Path) -> Path:
+    """The checkpoint's files (hard links where possible) plus README.md, ready to upload."""
+    for src in Path(ckpt.path).rglob("*"):
+        if src.is_file() and src.name != MANIFEST:
+            target = dest / src.relative_to(ckpt.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, target)
+            except OSError:
+                shutil.copy2(src, target)
+    (dest / "README.md").write_text(card)
+    return dest
+
+
+def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
+    """A Prefect event automations can react to."""
+    from prefect.events import emit_event
+
+    emit_event(
+        event=event,
+        resource={"prefect.resource.id": f"mlflow.registered-model.{name}", "prefect.resource.name": name},
+        related=[{"prefect.resource.id": f"mlflow.model-version.{name}.{version}", "prefect.resource.role": "version"}],
+        payload=payload,
+    )
+
+
 @task(
     name="register",
     retries=3,
@@ -77,7 +125,7 @@ REGISTER_CACHE = StepCache(step="register", code_version=CODE_VERSION, verifier=
 )
 def register(
     ckpt: CheckpointRef, result: EvalRef, verdict: Verdict, baseline: EvalRef, base: ModelRef,
-    registry: Registry, experiment: str, run_id: str,
+    model: ModelRef, calib: CalibRef | None, registry: Registry, run_id: str,
 ) -> str | None:
     """Register a passing variant as a model version (once per checkpoint content); return its version."""
     import mlflow
@@ -86,25 +134,29 @@ def register(
         return None
     client = tracking.client()
     name = registry.model_name
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-            raise
-    existing = find_version(client, name, ckpt.sha256)
-    if existing is not None:
-        return str(existing.version)
-    tags = version_tags(ckpt, result, baseline, base)
-    model = client.create_logged_model(
-        tracking.experiment_id(experiment), name=ckpt.name, source_run_id=run_id, tags=tags,
-        params=tracking.flatten(ckpt.config), model_type="quantized-causal-lm",
-    )
-    client.log_model_artifacts(model.model_id, ckpt.path)
-    client.finalize_logged_model(model.model_id, "READY")
-    mv = client.create_model_version(
-        name, source=model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id,
-        description=f"{ckpt.method} variant {ckpt.name} of {base.source}",
-    )
+    with registry_lock(name):
+        try:
+            client.create_registered_model(name, description=f"Quantized variants of {base.source} (quantmill)")
+        except mlflow.exceptions.MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        existing = find_version(client, name, ckpt.sha256)
+        if existing is not None:
+            return str(existing.version)
+        tags = version_tags(ckpt, result, baseline, base, model)
+        card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)
+        logged = client.create_logged_model(
+            tracking.experiment_id(name), name=ckpt.name, source_run_id=run_id, tags=tags,
+            params=tracking.flatten(ckpt.config), model_type="quantized-causal-lm",
+        )
+        with tempfile.TemporaryDirectory(dir=state.home()) as tmp:
+            client.log_model_artifacts(logged.model_id, str(stage_with_card(ckpt, card, Path(tmp))))
+        client.finalize_logged_model(logged.model_id, "READY")
+        mv = client.create_model_version(
+            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id,
+            description=f"{ckpt.method} variant {ckpt.name} of {base.source}",
+        )
+    emit("quantmill.model.registered", name, str(mv.version), {"variant": ckpt.name, "sha256": ckpt.sha256})
     return str(mv.version)
 
 
@@ -136,5 +188,9 @@ def promote(registry: Registry) -> dict[str, str]:
             rank = lambda mv: (float(mv.tags["perplexity"]), int(mv.tags["size_bytes"]), -int(mv.version))  # noqa: E731
         moved["champion"] = str(min(versions, key=rank).version)
     for alias, version in moved.items():
-        client.set_registered_model_alias(name, alias, version)
+        current = next((mv.version for mv in versions if alias in (mv.aliases or [])), None)
+        if str(current) != version:
+            client.set_registered_model_alias(name, alias, version)
+            if alias == "champion":
+                emit("quantmill.champion.moved", name, version, {"from": str(current), "to": version})
     return moved

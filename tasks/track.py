@@ -8,9 +8,10 @@ from typing import Any
 
 from prefect import task
 from prefect.context import get_run_context
+from prefect.settings import get_current_settings
 
 import quantmill
-from quantmill import tracking
+from quantmill import state, tracking
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Profile
 
@@ -40,6 +41,9 @@ def start_run(profile: Profile) -> str:
     flow_run = getattr(getattr(ctx, "task_run", None), "flow_run_id", None)
     if flow_run:
         tags["prefect.flow_run_id"] = str(flow_run)
+        ui = get_current_settings().ui_url
+        if ui:
+            tags["prefect.flow_run_url"] = f"{ui}/runs/flow-run/{flow_run}"
     run = client.create_run(exp, tags=tags)
     params = tracking.flatten(profile.model_dump(mode="json"), "profile.")
     params.update({f"lib.{k}": v for k, v in library_versions().items()})
@@ -68,3 +72,90 @@ def log_results(run_id: str, rows: list[dict[str, Any]], status: str = "FINISHED
         client.log_batch(run_id, metrics=metrics[i : i + 500])
     client.log_text(run_id, json.dumps(rows, indent=2, default=str), "report/variants.json")
     client.set_terminated(run_id, status)
+
+
+def git_commit() -> str:
+    """quantmill's own commit when run from a checkout, else 'unknown'."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dataset_input(name: str, source: str, digest: str, context: str):  # noqa: ANN201 - mlflow DatasetInput
+    """An MLflow dataset input (source + digest) for calibration or evaluation data."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import HuggingFaceDatasetSource, LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    if source.startswith("/") or source.startswith("."):
+        src = LocalArtifactDatasetSource(source)
+    else:
+        src = HuggingFaceDatasetSource(path=source.split(":")[0].rstrip("/"))
+    ds = MetaDataset(source=src, name=name, digest=digest[:36])
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
+def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: ANN001
+    """A finished child run under the pipeline's parent run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "mlflow.runName": name})
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@task(name="log-lineage", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
+def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[dict[str, Any]]) -> None:  # noqa: ANN001
+    """Child runs per step and per variant, content hashes, dataset inputs, Prefect cross-links."""
+    from prefect.artifacts import create_link_artifact
+
+    client = tracking.client()
+    parent = client.get_run(run_id)
+    exp = parent.info.experiment_id
+    hashes = {"base_sha256": base.sha256, "merged_sha256": model.sha256 if model.merged else "",
+              "adapter_sha256": model.adapter_sha256 or "", "calibration_digest": calib.digest,
+              "eval_digest": data.digest}
+    for k, v in hashes.items():
+        client.set_tag(run_id, f"quantmill.{k}", v)
+    client.set_tag(run_id, "quantmill.commit", git_commit())
+    child_run(client, run_id, exp, "download", {"source": base.source, "revision": base.revision},
+              {"sha256": base.sha256, **{f"model.{k}": v for k, v in base.summary.items()}}, {})
+    child_run(client, run_id, exp, "merge", {"adapter": bool(model.merged)},
+              {"merged_sha256": model.sha256, "adapter_sha256": model.adapter_sha256 or ""}, {})
+    cal = child_run(client, run_id, exp, "calibrate",
+                    {"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed, "source": calib.source},
+                    {"digest": calib.digest}, {})
+    client.log_inputs(cal, [dataset_input("calibration", calib.source, calib.digest, "calibration")])
+    client.log_inputs(run_id, [dataset_input("calibration", calib.source, calib.digest, "calibration"),
+                               dataset_input("evaluation", data.source, data.digest, "evaluation")])
+    ev = child_run(client, run_id, exp, "evaluate/baseline", {"window": data.window, "source": data.source},
+                   {"eval_digest": data.digest}, baseline.metrics)
+    client.log_inputs(ev, [dataset_input("evaluation", data.source, data.digest, "evaluation")])
+    for v in variants:
+        ckpt, result, verdict = v["ckpt"], v["result"], v["verdict"]
+        child_run(client, run_id, exp, f"quantize/{ckpt.name}", tracking.flatten(ckpt.config, "config."),
+                  {"checkpoint_sha256": ckpt.sha256, "kept_modules": ",".join(ckpt.kept_modules),
+                   "quantized_modules": len(ckpt.quantized_modules)},
+                  {**{f"layer_error.{k}": e for k, e in list(ckpt.layer_errors.items())[:500]},
+                   "size_bytes": ckpt.size_bytes})
+        child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
+                  {"gate": "passed" if verdict.passed else "failed", "gate_reasons": "; ".join(verdict.reasons),
+                   "model_version": v.get("version") or ""}, result.metrics)
+    create_link_artifact(
+        key="mlflow-run", link=f"{state.tracking_uri()}#/experiments/{exp}/runs/{run_id}",
+        link_text=f"MLflow run {run_id}", description="The pipeline's MLflow run (lineage, metrics, report)",
+    )

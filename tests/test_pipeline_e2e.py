@@ -1,0 +1,88 @@
+"""The demo profile end to end through the real CLI, Prefect and a SQLite MLflow registry."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantmill.hashing import hash_tree
+from tests.conftest import model_cache
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
+
+
+def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """`quantmill ARGS` in a fresh process against the state folder `home`."""
+    env = {**os.environ, "QUANTMILL_HOME": str(home), "QUANTMILL_DEMO_ROOT": str(model_cache())}
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def step_states(output: str) -> list[tuple[str, str]]:
+    """(task, state) pairs from the CLI's 'steps:' line."""
+    line = re.search(r"steps: .*?:(.*?)\n(?:aliases|$)", output, re.S)
+    assert line, output[-2000:]
+    return re.findall(r"([\w-]+)=(\w+)", line.group(1))
+
+
+def mlflow_client(home: Path):
+    import mlflow
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return mlflow.MlflowClient(uri, registry_uri=uri)
+
+
+@pytest.mark.slow
+def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
+    home = tmp_path / "home"
+    first = run_cli(home, "demo")
+    client = mlflow_client(home)
+    versions = client.search_model_versions("name='quantmill-demo'")
+    assert len(versions) >= 3, first.stdout[-3000:]
+    base_sha = hash_tree(Path(demo_assets.model_dir))
+    adapter_sha = hash_tree(Path(demo_assets.adapter_dir))
+    run = None
+    for mv in versions:
+        t = mv.tags
+        assert t["gate"] == "passed" and t["method"] in {"rtn", "bnb-int8", "bnb-nf4", "dynamic-int8"}
+        assert t["base_sha256"] == base_sha and t["adapter_sha256"] == adapter_sha
+        assert t["merged_sha256"] and t["merged_sha256"] != base_sha
+        assert len(t["calibration_digest"]) == 64
+        assert t["bits"] in {"4", "8"}
+        delta = 100 * (float(t["perplexity"]) / float(t["baseline_perplexity"]) - 1)
+        assert abs(delta - float(t["ppl_delta_pct"])) < 1e-3
+        assert float(t["ppl_delta_pct"]) <= 5.0
+        run = client.get_run(mv.run_id)
+        assert run.data.metrics[f"{t['variant']}.perplexity"] == pytest.approx(float(t["perplexity"]), rel=1e-5)
+        assert run.data.metrics[f"{t['variant']}.size_bytes"] == float(t["size_bytes"])
+    assert run.data.params["profile.registry.model_name"] == "quantmill-demo"
+    rtn = next(mv for mv in versions if mv.tags["method"] == "rtn")
+    assert rtn.tags["group_size"] == "64"
+    champion = client.get_model_version_by_alias("quantmill-demo", "champion")
+    assert int(champion.tags["size_bytes"]) == min(int(mv.tags["size_bytes"]) for mv in versions)
+
+    second = run_cli(home, "demo")
+    states = dict(step_states(second.stdout))
+    for step in STEPS:
+        assert states.get(step) == "Cached", (step, states)
+    assert len(client.search_model_versions("name='quantmill-demo'")) == len(versions)
+
+    third = run_cli(home, "demo", "--set", "evaluation.max_tokens=4096")
+    pairs = step_states(third.stdout)
+    states = {}
+    for name, st in pairs:
+        states.setdefault(name, set()).add(st)
+    for step in ("download", "merge", "calibrate", "quantize"):
+        assert states[step] == {"Cached"}, (step, pairs)
+    assert states["eval-data"] == {"Completed"} and "Completed" in states["evaluate"], pairs
