@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quantmill import state
-from quantmill.errors import QuantmillError
+from quantmill.errors import NetworkError, QuantmillError
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -32,38 +32,26 @@ def _quiet_user_errors() -> None:
             handler.addFilter(_OneLineErrors())
 
 
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+def console():  # noqa: ANN201 - rich.console.Console
+    """A rich console (160 columns when not a terminal)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -> None:
     """The final table of variants, step states, and where to look next."""
-    from rich.console import Console
-    from rich.table import Table
+    from quantmill.report import build_report, rich_table
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=f"{summary.model_name}: variants (baseline perplexity {summary.baseline['perplexity']:.3f})")
-    for col in ("variant", "method", "bits", "size", "compr.", "perplexity", "delta", "gate", "version"):
-        table.add_column(col, justify="right" if col not in {"variant", "method", "gate"} else "left")
-    for r in summary.rows:
-        table.add_row(
-            r["variant"], r["method"], str(r["bits"]), human_bytes(r["size_bytes"]), f"{r['compression']:.2f}x",
-            f"{r['perplexity']:.3f}", f"{r['ppl_delta_pct']:+.2f}%",
-            "[green]pass[/]" if r["gate"] == "pass" else f"[red]FAIL[/] {r['reasons']}", str(r["version"] or "-"),
-        )
-    console.print(table)
+    out = console()
+    out.print(rich_table(build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id)))
     if states:
         cached = sum(1 for _, s in states if s == "Cached")
-        console.print(f"steps: {len(states)} task runs, {cached} cached: " + ", ".join(f"{n}={s}" for n, s in states))
-    console.print(f"aliases: {summary.aliases}   MLflow run: {summary.run_id}   time: {seconds:.1f} s")
-    console.print(f"state folder: {state.home()}")
+        out.print(f"steps: {len(states)} task runs, {cached} cached: " + ", ".join(f"{n}={s}" for n, s in states))
+    out.print(f"aliases: {summary.aliases}   MLflow run: {summary.run_id}   time: {seconds:.1f} s")
+    out.print(f"state folder: {state.home()}")
     for cmd in state.viewer_commands():
-        console.print(f"  view: {cmd}")
+        out.print(f"  view: {cmd}")
 
 
 def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
@@ -120,6 +108,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from quantmill.report import load_report, markdown, rich_table
+
+    report = load_report(args.run_id)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif args.format == "markdown":
+        print(markdown(report), end="")
+    else:
+        console().print(rich_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import)."""
     parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
@@ -135,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the demo model (once) and run profiles/demo.yaml")
     p.add_argument("--set", action="append", metavar="dotted.key=value")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("report", help="print the comparison table of a finished run (from MLflow)")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 
@@ -147,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuantmillError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except NetworkError as exc:
+        print(f"error: {exc} (gave up after retries)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,9 +12,11 @@ from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
 from tasks.merge import merge
-from tasks.quantize import check_recipes, quantize
+from tasks.preflight import preflight
+from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
+from tasks.report import publish_report
 from tasks.track import log_lineage, log_results, start_run
 
 
@@ -50,20 +52,21 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store)
-    check_recipes(model, profile.recipes, device)
+    preflight(model, profile.recipes, device, store)
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
-    baseline = evaluate(model, data, device, store)
+    baseline = evaluate(model, data, device, store, spec=profile.evaluation)
     rows, variants = [], []
     for recipe in profile.recipes:
         ckpt = quantize(model, recipe, calib, device, store)
-        result = evaluate(ckpt, data, device, store)
+        result = evaluate(ckpt, data, device, store, baseline=baseline, spec=profile.evaluation)
         verdict = gate(ckpt, result, baseline, profile.evaluation)
         version = register(ckpt, result, verdict, baseline, base, model, calib, profile.registry, run_id)
         rows.append(summary_row(ckpt, result, baseline, verdict, version))
         variants.append({"ckpt": ckpt, "result": result, "verdict": verdict, "version": version})
     aliases = promote(profile.registry)
     log_lineage(run_id, base, model, calib, data, baseline, variants)
+    publish_report(run_id, rows, baseline.metrics, profile.registry.model_name, device)
     log_results(run_id, rows)
     return RunSummary(
         run_id=run_id, model_name=profile.registry.model_name, baseline=baseline.metrics, rows=rows, aliases=aliases

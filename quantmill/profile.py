@@ -95,18 +95,74 @@ class Gates(Strict):
     max_kl: float | None = Field(None, ge=0)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
     max_size_bytes: int | None = Field(None, gt=0)
+    min_compression: float | None = Field(None, gt=0)
     max_latency_ms_p50: float | None = Field(None, gt=0)
+    max_latency_ms_p95: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
 
 
 class Evaluation(Strict):
-    """Held-out evaluation text and gates."""
+    """Held-out evaluation text, what is measured besides perplexity, and gates."""
+
+    class Speed(Strict):
+        """Generation-speed measurement (greedy decoding of prompts cut from the eval windows)."""
+
+        enabled: bool = True
+        batch_sizes: list[int] = Field([1, 8], min_length=1)
+        prompt_tokens: int = Field(32, gt=0)
+        new_tokens: int = Field(32, gt=1)
+        warmup: int = Field(1, ge=0)
+        repeats: int = Field(3, gt=0)
+
+        @field_validator("batch_sizes")
+        @classmethod
+        def _positive(cls, v: list[int]) -> list[int]:
+            if any(b < 1 for b in v):
+                raise ValueError("batch sizes must be positive integers, e.g. [1, 8]")
+            return sorted(set(v))
+
+    class Accuracy(Strict):
+        """Labelled examples in a CSV, scored by the log-likelihood of each choice."""
+
+        path: str
+        question_field: str = "question"
+        choices_field: str = "choices"
+        answer_field: str = "answer"
+        labels: list[str] | None = Field(None, min_length=2)
+        max_examples: int = Field(1000, gt=0)
+
+        @field_validator("path")
+        @classmethod
+        def _csv(cls, v: str) -> str:
+            v = expand(v)
+            if Path(v).suffix.lower() != ".csv":
+                raise ValueError(f"path {v!r}: use a .csv file (question, choices, answer columns)")
+            return v
+
+    class LmEval(Strict):
+        """lm-evaluation-harness tasks (run only when `lm_eval` and the task data are available)."""
+
+        tasks: list[str] = Field(min_length=1)
+        num_fewshot: int = Field(0, ge=0)
+        limit: int | None = Field(None, gt=0)
 
     source: TextSource
     max_tokens: int = Field(16384, gt=0)
     window: int | None = Field(None, gt=1)
     stride: int | None = Field(None, gt=0)
+    kl_topk: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    speed: Speed | None = Speed()
+    accuracy: Accuracy | None = None
+    lm_eval: LmEval | None = None
     gates: Gates = Gates()
     method_gates: dict[str, Gates] = {}
+
+    @model_validator(mode="after")
+    def _stride(self) -> "Evaluation":
+        if self.stride is not None and self.window is not None and self.stride > self.window:
+            raise ValueError(f"stride {self.stride} exceeds window {self.window}; use stride <= window")
+        return self
 
 
 class Registry(Strict):
@@ -259,6 +315,9 @@ def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = Non
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "syntax"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ProfileError(f"{p}: YAML error at {where}: {problem}") from None
+        ctx, ctx_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if ctx and ctx_mark:
+            problem += f" ({ctx} at line {ctx_mark.line + 1})"
+        raise ProfileError(f"{p}: YAML error at {where}: {problem}; fix the YAML syntax") from None
     data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
     return parse_profile(data, str(p))

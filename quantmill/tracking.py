@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from typing import Any
 
 from quantmill import state
@@ -22,20 +24,24 @@ def client():  # noqa: ANN201 - mlflow.MlflowClient
     return mlflow.MlflowClient(uri)
 
 
-def check_reachable(timeout_s: float = 10.0) -> None:
-    """Fail with one clear line when a remote tracking server cannot be reached."""
+def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: float = 0.5) -> None:
+    """Fail with one clear line when a remote tracking server stays unreachable after retries."""
     uri = state.tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
     import requests
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
-    except requests.RequestException:
-        raise QuantmillError(
-            f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {uri}; start it or unset the variable "
-            "to use the local SQLite store"
-        ) from None
+    for attempt in range(attempts):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+            return
+        except requests.RequestException:
+            if attempt + 1 < attempts:
+                time.sleep(base_delay_s * 2**attempt * (1 + random.random() / 2))
+    raise QuantmillError(
+        f"MLFLOW_TRACKING_URI: cannot reach the MLflow server at {uri} after {attempts} attempts; "
+        "start it, fix the URI, or unset the variable to use the local SQLite store"
+    )
 
 
 def experiment_id(name: str) -> str:

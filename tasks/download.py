@@ -46,6 +46,11 @@ def fetch_snapshot(source: Source, dest: Path, allow: tuple[str, ...]) -> None:
     except RevisionNotFoundError:
         raise QuantmillError(f"revision {source.revision!r} of {source.repo_id}: not found; pin an existing commit or tag") from None
     except LocalEntryNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+            raise QuantmillError(
+                f"repo_id {source.repo_id!r}: not in the local Hugging Face cache and the hub is unreachable "
+                "(offline, HF_HUB_OFFLINE=1); go online or point model.path at a local copy"
+            ) from None
         raise NetworkError(
             f"repo_id {source.repo_id!r}: the Hugging Face hub is unreachable (offline?); "
             "retry when online or use a local 'path'"
@@ -94,7 +99,7 @@ def _verify(key: str, inputs: dict) -> str | None:
 def download(source: Source, store_root: str) -> ModelRef:
     """Fetch (or hash) the base model; return a reference with its content hash."""
     path, digest = resolve(source, "model", store_root)
-    check_model_dir(path, "model", source.allow_pickle, source.trust_remote_code)
+    check_model_dir(path, "model.path", source.allow_pickle, source.trust_remote_code)
     return ModelRef(
         path=str(path), sha256=digest, source=source.label, revision=source.revision,
         summary=model_summary(path),

@@ -18,4 +18,4 @@ for _m in _pkgutil.iter_modules(__path__):
     if _m.name not in {"registry", "common", "step"}:
         _importlib.import_module(f"{__name__}.{_m.name}")
 
-from tasks.quantize.step import check_recipes, quantize  # noqa: E402,F401
+from tasks.quantize.step import quantize  # noqa: E402,F401

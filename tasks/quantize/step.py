@@ -81,9 +81,3 @@ def quantize(model: ModelRef, recipe: Recipe, calib: CalibRef | None, device: st
         kept_modules=r["kept_modules"], layer_errors=r["layer_errors"], extra=r["extra"], store_key=key,
     )
 
-
-@task(name="check-recipes")
-def check_recipes(model: ModelRef, recipes: list[Recipe], device: str) -> None:
-    """Preflight: every recipe fits this model and device, before any heavy work."""
-    for i, recipe in enumerate(recipes):
-        check_recipe(recipe, i, model, device)

@@ -1,0 +1,60 @@
+"""Preflight step: recipes fit the model and device, and the machine has the disk and memory."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import psutil
+from prefect import task
+
+from quantmill.errors import PreflightError
+from quantmill.profile import Recipe
+from quantmill.refs import ModelRef
+from tasks.quantize.step import check_recipe
+
+OVERHEAD = 1.10  # configs, tokenizer, scales and zero points
+
+
+def checkpoint_bytes(model: ModelRef, recipe: Recipe) -> int:
+    """Expected size of one variant on disk: quantized linears plus full-precision rest."""
+    params = int(model.summary.get("num_parameters") or 0)
+    bits = recipe.config().weight_bits
+    return int(params * bits / 8 * OVERHEAD + 2 * model.summary.get("vocab_size", 0) * model.summary.get("hidden_size", 0) * 2)
+
+
+def disk_needed(model: ModelRef, recipes: list[Recipe]) -> int:
+    """Bytes the run will write to the store (variants plus scratch for the largest one)."""
+    sizes = [checkpoint_bytes(model, r) for r in recipes]
+    return sum(sizes) + max(sizes, default=0)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def memory_needed(model: ModelRef) -> int:
+    """Peak RAM of the largest in-memory step: the full-precision model twice (load + quantized copy)."""
+    return int(model.summary.get("weight_bytes") or 0) * 2
+
+
+@task(name="preflight")
+def preflight(model: ModelRef, recipes: list[Recipe], device: str, store_root: str) -> None:
+    """Fail before heavy work: recipes valid for this model/device, enough disk and memory."""
+    for i, recipe in enumerate(recipes):
+        check_recipe(recipe, i, model, device)
+    need, free = disk_needed(model, recipes), free_bytes(Path(store_root))
+    if need > free:
+        raise PreflightError(
+            f"storage.root: {store_root} has {free:,} bytes free but this run needs about {need:,}; "
+            "free some space or point storage.root at a larger disk"
+        )
+    ram, avail = memory_needed(model), psutil.virtual_memory().available
+    if device == "cpu" and ram > avail:
+        raise PreflightError(
+            f"model: quantizing {model.source} on CPU needs about {ram:,} bytes of RAM, {avail:,} available; "
+            "use a machine with more memory or a GPU"
+        )

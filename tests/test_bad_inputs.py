@@ -1,0 +1,193 @@
+"""The bad-input catalogue: non-zero exit, one clear line naming the field/file, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from quantmill import state
+from quantmill.demo import DemoSpec, build_demo_assets
+from tests.conftest import model_cache
+
+TINY = DemoSpec(steps=4, lora_steps=2, batch_size=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_ready():
+    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream."""
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A barely-trained tiny Llama with a LoRA adapter (enough to exercise every check)."""
+    return build_demo_assets(model_cache(), arch="llama", with_adapter=True, spec=TINY, quiet=True)
+
+
+@pytest.fixture()
+def profile(tiny, tmp_path):
+    """A valid profile dict whose store lives under tmp_path."""
+    return {
+        "name": "bad-input",
+        "model": {"path": str(tiny.model_dir)},
+        "adapter": {"path": str(tiny.adapter_dir)},
+        "calibration": {"source": {"path": str(tiny.calib_path)}, "num_samples": 4, "seq_len": 64},
+        "recipes": [{"method": "rtn", "bits": 8, "group_size": 64}],
+        "evaluation": {"source": {"path": str(tiny.eval_path)}, "max_tokens": 1024, "window": 128},
+        "registry": {"model_name": f"bad-input-{tmp_path.name}"},
+        "storage": {"root": str(tmp_path / "store")},
+    }
+
+
+def fails(tmp_path: Path, data: dict | str, capsys, *expected: str) -> str:
+    """Run the CLI on the profile; assert exit 2, one clear last line, no artifact, no registry change."""
+    path = tmp_path / "profile.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    before = registry_versions()
+    rc = main(["run", str(path)])
+    err = capsys.readouterr().err
+    last = [ln for ln in err.splitlines() if ln.strip()][-1]
+    assert rc == 2, err[-3000:]
+    assert last.startswith("error: "), err[-3000:]
+    for piece in expected:
+        assert piece in last, last
+    tmp = tmp_path / "store" / "tmp"
+    assert not tmp.exists() or not any(tmp.iterdir()), list(tmp.iterdir())
+    assert registry_versions() == before
+    return last
+
+
+def registry_versions() -> int:
+    """Number of model versions in the test registry (all models)."""
+    import mlflow
+
+    uri = f"sqlite:///{state.home() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    return len(client.search_model_versions())
+
+
+def test_yaml_syntax_error(tmp_path, capsys):
+    fails(tmp_path, "model:\n  path: [unclosed\n", capsys, "profile.yaml", "line 2")
+
+
+def test_unknown_key(tmp_path, profile, capsys):
+    profile["calibration"]["num_sample"] = 3
+    fails(tmp_path, profile, capsys, "calibration.num_sample", "unknown key")
+
+
+def test_unknown_method(tmp_path, profile, capsys):
+    profile["recipes"][0] = {"method": "gtpq"}
+    fails(tmp_path, profile, capsys, "recipes.0", "'gtpq'", "known methods:", "gptq", "rtn")
+
+
+def test_bits_a_method_cannot_do(tmp_path, profile, capsys):
+    profile["recipes"][0] = {"method": "bnb-nf4", "bits": 3}
+    fails(tmp_path, profile, capsys, "recipes.0", "bits")
+
+
+def test_group_size_not_dividing_in_features(tmp_path, profile, capsys):
+    profile["recipes"][0] = {"method": "rtn", "bits": 4, "group_size": 48}
+    fails(tmp_path, profile, capsys, "recipes.0", "group_size=48", "in_features=128")
+
+
+def test_missing_local_model_path(tmp_path, profile, capsys):
+    profile["model"]["path"] = str(tmp_path / "no-such-model")
+    fails(tmp_path, profile, capsys, "model.path", "no-such-model", "does not exist")
+
+
+def test_unreachable_hub_repo_offline(tmp_path, profile, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    profile["model"] = {"repo_id": "quantmill-tests/no-such-model", "revision": "0123456789abcdef"}
+    fails(tmp_path, profile, capsys, "quantmill-tests/no-such-model", "offline")
+
+
+def _other_adapter(tmp_path: Path) -> Path:
+    """A LoRA adapter trained for a different (narrower) Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=2048)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    out = tmp_path / "other-adapter"
+    model.save_pretrained(out)
+    return out
+
+
+def test_adapter_for_another_base_model(tmp_path, profile, capsys):
+    profile["adapter"]["path"] = str(_other_adapter(tmp_path))
+    fails(tmp_path, profile, capsys, "adapter:", "base", "differs")
+
+
+def test_adapter_target_modules_absent(tmp_path, profile, tiny, capsys):
+    bad = tmp_path / "gpt2-adapter"
+    shutil.copytree(tiny.adapter_dir, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["c_attn", "c_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    profile["adapter"]["path"] = str(bad)
+    fails(tmp_path, profile, capsys, "adapter:", "c_attn", "do not exist")
+
+
+def test_calibration_text_too_short(tmp_path, profile, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    profile["calibration"]["source"]["path"] = str(short)
+    fails(tmp_path, profile, capsys, "calibration", "fewer than num_samples × seq_len")
+
+
+def test_seq_len_above_context(tmp_path, profile, capsys):
+    profile["calibration"]["seq_len"] = 4096
+    fails(tmp_path, profile, capsys, "calibration.seq_len", "4096", "context of 512")
+
+
+def test_empty_evaluation_text(tmp_path, profile, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    profile["evaluation"]["source"]["path"] = str(empty)
+    fails(tmp_path, profile, capsys, "evaluation.source", "no text")
+
+
+def _copy_model(tiny, dest: Path, pickle: bool = False, remote_code: bool = False) -> Path:
+    shutil.copytree(tiny.model_dir, dest)
+    if pickle:
+        import torch
+        from safetensors.torch import load_file
+
+        weights = load_file(dest / "model.safetensors")
+        torch.save(weights, dest / "pytorch_model.bin")
+        (dest / "model.safetensors").unlink()
+    if remote_code:
+        cfg = json.loads((dest / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLM"}
+        (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_pickle_only_checkpoint_refused(tmp_path, profile, tiny, capsys):
+    profile["model"]["path"] = str(_copy_model(tiny, tmp_path / "pickled", pickle=True))
+    fails(tmp_path, profile, capsys, "model.path", "pickle", "allow_pickle: true")
+
+
+def test_remote_code_refused(tmp_path, profile, tiny, capsys):
+    profile["model"]["path"] = str(_copy_model(tiny, tmp_path / "custom", remote_code=True))
+    fails(tmp_path, profile, capsys, "model", "trust_remote_code: true")
+
+
+def test_mlflow_server_unreachable(tmp_path, profile, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setattr("quantmill.tracking.time.sleep", lambda s: None)
+    last = fails(tmp_path, profile, capsys, "MLFLOW_TRACKING_URI", "127.0.0.1:9", "after 4 attempts")
+    assert "unset the variable" in last
+
+
+def test_disk_too_small(tmp_path, profile, capsys, monkeypatch):
+    monkeypatch.setattr("tasks.preflight.free_bytes", lambda path: 1000)
+    fails(tmp_path, profile, capsys, "storage.root", "bytes free", "needs about")
