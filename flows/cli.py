@@ -123,6 +123,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from quantmill.serving import pull
+
+    got = pull(args.ref, Path(args.dest))
+    print(f"pulled {got.name} version {got.version} into {got.path} (sha256 {got.sha256[:16]}… verified)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quantmill.serving import generate
+
+    out = generate(args.model, args.text, args.max_new_tokens)
+    print(args.text + out["completion"])
+    print(
+        f"[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s, first token {1000 * out['ttft_s']:.0f} ms, "
+        f"load {out['load_s']:.1f} s, from {out['path']}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import)."""
     parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
@@ -138,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the demo model (once) and run profiles/demo.yaml")
     p.add_argument("--set", action="append", metavar="dotted.key=value")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("pull", help="download a registered version for serving (NAME@ALIAS or NAME/VERSION)")
+    p.add_argument("ref")
+    p.add_argument("dest")
+    p.set_defaults(fn=cmd_pull)
+    p = sub.add_parser("generate", help="load a registered version or local checkpoint and complete a text")
+    p.add_argument("--model", required=True, help="NAME@ALIAS, NAME/VERSION or a checkpoint folder")
+    p.add_argument("--text", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("report", help="print the comparison table of a finished run (from MLflow)")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")

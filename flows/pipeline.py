@@ -71,3 +71,11 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
     return RunSummary(
         run_id=run_id, model_name=profile.registry.model_name, baseline=baseline.metrics, rows=rows, aliases=aliases
     )
+
+
+@flow(name="quantize-profile-file", log_prints=True)
+def quantize_profile_file(profile_path: str, overrides: list[str] | None = None) -> RunSummary:
+    """Run the pipeline on a profile file (for schedules): validated at run time, then the quantize flow."""
+    from quantmill.profile import load_profile
+
+    return quantize_pipeline(load_profile(profile_path, overrides or []))
