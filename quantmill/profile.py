@@ -215,9 +215,7 @@ class Recipe(Strict):
         config = build_config(self.method, self.params)
         self.params = config.model_dump(mode="json")
         if self.name is None:
-            bits = config.weight_bits
-            gs = config.weight_group_size
-            self.name = f"{self.method}-w{bits}" + (f"g{gs}" if gs and gs > 0 else "")
+            self.name = config.variant_name()
         return self
 
     def config(self):  # noqa: ANN201 - MethodConfig, imported lazily

@@ -29,6 +29,14 @@ class MethodConfig(BaseModel):
         """Quantization group size, None for per-channel or not applicable."""
         return getattr(self, "group_size", None)
 
+    def variant_name(self) -> str:
+        """Default recipe name: method, bits (unless the method's name states them), group size."""
+        name = self.TYPE
+        if not any(ch.isdigit() for ch in name):
+            name += f"-w{self.weight_bits}"
+        gs = self.weight_group_size
+        return name + (f"g{gs}" if gs and gs > 0 else "")
+
     def default_max_ppl_increase_pct(self) -> float:
         """Default quality gate: allowed perplexity increase over the baseline, in percent."""
         return 2.0 if self.weight_bits >= 8 else 5.0

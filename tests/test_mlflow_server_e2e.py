@@ -1,0 +1,104 @@
+"""Against a real `mlflow server`: run a profile, then load models:/NAME@champion as a consumer would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONSUMER = """
+import sys, mlflow
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = mlflow.artifacts.download_artifacts("models:/{name}@champion", dst_path=sys.argv[1])
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+ids = tok("The for statement", return_tensors="pt")
+out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+print("COMPLETION:" + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+print("CLASS:" + type(model).__name__)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server (SQLite backend, local artifacts) on loopback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+    yield uri
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.slow
+def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_server):
+    name = "served-demo"
+    profile = {
+        "name": "server-e2e",
+        "model": {"path": str(demo_assets.model_dir)},
+        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
+        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256},
+        "registry": {"model_name": name},
+        "storage": {"root": str(tmp_path / "store")},
+    }
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "QUANTMILL_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_HOME", None)
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # everything went to the server
+
+    consumer_env = {"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1",
+                    "HOME": str(tmp_path)}
+    consumer = subprocess.run([sys.executable, "-c", CONSUMER.format(name=name), str(tmp_path / "pulled")],
+                              env=consumer_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert consumer.returncode == 0, consumer.stderr[-4000:]
+    completion = consumer.stdout.split("COMPLETION:")[1].split("\n")[0]
+    assert completion.strip(), consumer.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["method"] == "bnb-nf4"  # smallest size within the gates
+    assert champion.tags["gate"] == "passed" and len(champion.tags["quantmill.checkpoint_sha256"]) == 64
+    card = next(Path(tmp_path / "pulled").rglob("README.md")).read_text()
+    assert "bnb-nf4" in card and str(demo_assets.model_dir) in card and "## Evaluation" in card
+    parent = client.get_run(champion.run_id)
+    assert parent.data.tags["quantmill.base_sha256"] and parent.data.params["profile.registry.model_name"] == name
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = {r.data.tags["mlflow.runName"] for r in children}
+    assert {"download", "merge", "calibrate", "evaluate/baseline", "quantize/bnb-nf4", "evaluate/bnb-nf4"} <= names
