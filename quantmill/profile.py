@@ -183,7 +183,7 @@ class Registry(Strict):
 class Storage(Strict):
     """Artifact store root (a local folder)."""
 
-    root: str = "${QUANTMILL_HOME}/artifacts"
+    root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True)
 
     @field_validator("root")
     @classmethod
@@ -225,12 +225,22 @@ class Recipe(Strict):
         return build_config(self.method, self.params)
 
 
+class Merge(Strict):
+    """How a LoRA adapter is merged: memory strategy, failure policy, and the base a QLoRA adapter merges into."""
+
+    strategy: Literal["auto", "gpu", "cpu", "streaming"] = "auto"
+    on_failure: Literal["stop", "skip_merge"] = "stop"
+    qlora_merge: Literal["full_precision", "dequantized"] = "full_precision"
+    adapter_training: Literal["auto", "lora", "qlora"] = "auto"
+
+
 class Profile(Strict):
     """A whole run: model (+adapter) -> calibration -> recipes -> evaluation -> registry."""
 
     name: str = "quantmill"
     model: Source
     adapter: Source | None = None
+    merge: Merge = Merge()
     calibration: Calibration
     recipes: list[Recipe] = Field(min_length=1)
     evaluation: Evaluation
