@@ -158,14 +158,17 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w - w_hat).norm() / w.norm().clamp_min(1e-12))
 
 
-def read_fp_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Original `<name>.weight` tensors read lazily from the safetensors shards (missing names are skipped)."""
+def layer_errors(
+    model_dir: Path, model: nn.Module, names: list[str], dequantize: Callable[[nn.Module], torch.Tensor]
+) -> dict[str, float]:
+    """Relative error of each quantized layer against the original weight, streamed from the safetensors shards."""
     from safetensors import safe_open
 
     wanted = {f"{n}.weight": n for n in names}
-    found: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(shard), "pt") as f:
-            for key in wanted.keys() & set(f.keys()):
-                found[wanted[key]] = f.get_tensor(key)
-    return found
+            for key in sorted(wanted.keys() & set(f.keys())):
+                name = wanted[key]
+                errors[name] = relative_error(f.get_tensor(key), dequantize(model.get_submodule(name)))
+    return errors

@@ -1,0 +1,187 @@
+"""bitsandbytes LLM.int8 / NF4 / FP4, quantized on load through transformers' BitsAndBytesConfig.
+
+On disk (`model.safetensors`, `config.json` with `quantization_config.quant_method == "bitsandbytes"`):
+  * bnb-int8: `<linear>.weight` int8 [out, in], `<linear>.SCB` fp32 [out] (row absmax), `<linear>.weight_format`;
+    config `load_in_8bit: true`, `llm_int8_threshold`, `llm_int8_skip_modules`.
+  * bnb-nf4 / bnb-fp4: `<linear>.weight` uint8 [out*in/2, 1] (two 4-bit codes per byte), `.weight.absmax`,
+    `.weight.quant_map`, `.weight.nested_absmax` / `.nested_quant_map` (double quant),
+    `.weight.quant_state.bitsandbytes__nf4|fp4`; config `load_in_4bit: true`, `bnb_4bit_quant_type`,
+    `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`.
+  Everything else (embeddings, norms, skip_modules such as lm_head) stays in the load dtype (fp32 on CPU).
+Reload: `AutoModelForCausalLM.from_pretrained(out_dir)` with bitsandbytes installed; bnb >= 0.49 runs these layers on
+CPU (int8 casts activations to fp16 internally), and on CUDA with `device_map="cuda"`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import field_validator
+from torch import nn
+
+from tasks.quantize.common import (
+    FixedBitsConfig,
+    audit_quantized,
+    copy_tokenizer,
+    layer_errors,
+    skipped_linears,
+)
+from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class BnbInt8Config(FixedBitsConfig):
+    """LLM.int8(): int8 weights with row scales; activation columns above `threshold` run in fp16."""
+
+    FIXED_BITS: ClassVar[int] = 8
+    BITS_HINT: ClassVar[str] = "for 4-bit use bnb-nf4 or bnb-fp4"
+    bits: int = 8
+    threshold: float = 6.0
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        """Outlier threshold: 0 disables the mixed-precision decomposition; negative makes no sense."""
+        if v < 0:
+            raise ValueError(f"threshold={v} must be >= 0 (6.0 is the LLM.int8 default, 0 disables outliers)")
+        return v
+
+    def default_max_ppl_increase_pct(self) -> float:
+        """int8 should be nearly lossless: 2%."""
+        return 2.0
+
+
+class Bnb4bitConfig(FixedBitsConfig):
+    """4-bit bitsandbytes (blocks of 64 with absmax scales); the quant type is fixed by the method."""
+
+    FIXED_BITS: ClassVar[int] = 4
+    BITS_HINT: ClassVar[str] = "for 8-bit use bnb-int8; for 2/3-bit use rtn or gptq"
+    QUANT_TYPE: ClassVar[str] = "nf4"
+    bits: int = 4
+    double_quant: bool = True
+    compute_dtype: ComputeDtype | None = None
+
+    def default_max_ppl_increase_pct(self) -> float:
+        """4-bit round-to-nearest: 5%."""
+        return 5.0
+
+    def check_device(self, device: str) -> None:
+        """compute_dtype=bfloat16 needs a GPU with bf16 support (CPU runs all three dtypes)."""
+        if device == "cuda" and self.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValueError("compute_dtype='bfloat16' is not supported by this GPU; use compute_dtype: float16")
+
+
+class BnbNF4Config(Bnb4bitConfig):
+    """NF4: 4-bit NormalFloat codes (best for normally distributed weights)."""
+
+    QUANT_TYPE: ClassVar[str] = "nf4"
+
+
+class BnbFP4Config(Bnb4bitConfig):
+    """FP4: 4-bit float codes (e2m1)."""
+
+    QUANT_TYPE: ClassVar[str] = "fp4"
+
+
+def compute_dtype(config: FixedBitsConfig, device: str) -> torch.dtype:
+    """The matmul dtype: the configured one, else fp32 on CPU, bf16 (or fp16) on CUDA; int8 computes in fp16 on CUDA."""
+    if isinstance(config, Bnb4bitConfig) and config.compute_dtype:
+        return getattr(torch, config.compute_dtype)
+    if device != "cuda":
+        return torch.float32
+    if isinstance(config, Bnb4bitConfig) and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def bnb_config(config: FixedBitsConfig, skip: list[str], device: str):
+    """transformers BitsAndBytesConfig for this method; `skip` lists the exact linear names left unquantized."""
+    from transformers import BitsAndBytesConfig
+
+    if isinstance(config, BnbInt8Config):
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=config.threshold, llm_int8_skip_modules=skip)
+    assert isinstance(config, Bnb4bitConfig)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.QUANT_TYPE,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(config, device),
+        llm_int8_skip_modules=skip,
+    )
+
+
+def is_bnb_quantized(config: FixedBitsConfig):
+    """Predicate: the module is the bnb layer this method produces (and, for 4-bit, of the right quant type)."""
+    import bitsandbytes as bnb
+
+    if isinstance(config, BnbInt8Config):
+        return lambda m: isinstance(m, bnb.nn.Linear8bitLt) and m.weight.dtype == torch.int8
+    quant_type = config.QUANT_TYPE
+
+    def check(m: nn.Module) -> bool:
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        return isinstance(m, bnb.nn.Linear4bit) and state is not None and state.quant_type == quant_type
+
+    return check
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """Float weight a bnb layer effectively multiplies with."""
+    import bitsandbytes as bnb
+
+    w = module.weight
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return w.data.float() * (w.SCB.float()[:, None] / 127.0)
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def quantize_bnb(config: FixedBitsConfig, job: QuantizeJob) -> nn.Module:
+    """Load the full-precision model through BitsAndBytesConfig: the targeted linears are quantized while loading."""
+    from transformers import AutoModelForCausalLM
+
+    skip = skipped_linears(job.model_dir, config.skip_modules)
+    dtype = torch.float32 if job.device != "cuda" else compute_dtype(config, job.device)
+    device_map = {"": 0} if job.device == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        job.model_dir, quantization_config=bnb_config(config, skip, job.device), dtype=dtype, device_map=device_map
+    )
+    return model.eval()
+
+
+def save_bnb(model: nn.Module, config: FixedBitsConfig, job: QuantizeJob) -> QuantizeResult:
+    """Audit the quantized layers, save safetensors + config + tokenizer, report modules and per-layer errors."""
+    quantized, kept = audit_quantized(model, config.skip_modules, is_bnb_quantized(config), config.TYPE)
+    errors = layer_errors(job.model_dir, model, quantized, dequantized_weight)
+    model.save_pretrained(job.out_dir)
+    copy_tokenizer(job.model_dir, job.out_dir)
+    qc = model.config.quantization_config
+    extra = {"quant_method": "bitsandbytes", "quant_type": "int8" if qc.load_in_8bit else qc.bnb_4bit_quant_type}
+    if not qc.load_in_8bit:
+        extra["compute_dtype"] = str(qc.bnb_4bit_compute_dtype).removeprefix("torch.")
+    return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors, extra=extra)
+
+
+def run_bnb(config: FixedBitsConfig, job: QuantizeJob) -> QuantizeResult:
+    """Quantize on load and write the checkpoint."""
+    job.progress(f"{config.TYPE}: quantizing with bitsandbytes on {job.device}")
+    return save_bnb(quantize_bnb(config, job), config, job)
+
+
+@register_method("bnb-int8", BnbInt8Config, calibrated=False)
+def quantize_bnb_int8(config: BnbInt8Config, job: QuantizeJob) -> QuantizeResult:
+    """bitsandbytes LLM.int8 (8-bit weights, fp16 outliers); reloads with from_pretrained on CPU or CUDA."""
+    return run_bnb(config, job)
+
+
+@register_method("bnb-nf4", BnbNF4Config, calibrated=False)
+def quantize_bnb_nf4(config: BnbNF4Config, job: QuantizeJob) -> QuantizeResult:
+    """bitsandbytes 4-bit NormalFloat (QLoRA format); reloads with from_pretrained on CPU or CUDA."""
+    return run_bnb(config, job)
+
+
+@register_method("bnb-fp4", BnbFP4Config, calibrated=False)
+def quantize_bnb_fp4(config: BnbFP4Config, job: QuantizeJob) -> QuantizeResult:
+    """bitsandbytes 4-bit float (e2m1); reloads with from_pretrained on CPU or CUDA."""
+    return run_bnb(config, job)
