@@ -191,3 +191,26 @@ def test_mlflow_server_unreachable(tmp_path, profile, capsys, monkeypatch):
 def test_disk_too_small(tmp_path, profile, capsys, monkeypatch):
     monkeypatch.setattr("tasks.preflight.free_bytes", lambda path: 1000)
     fails(tmp_path, profile, capsys, "storage.root", "bytes free", "needs about")
+
+
+def test_hf_token_never_logged_or_tracked(tmp_path, profile, capsys, caplog, monkeypatch):
+    secret = "hf_quantmillTESTsecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    profile["recipes"] = [{"method": "bnb-nf4"}]
+    profile["evaluation"]["speed"] = {"enabled": False}
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["run", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
+    import mlflow
+
+    uri = f"sqlite:///{state.home() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(profile["registry"]["model_name"]).experiment_id])
+    assert runs
+    for run in runs:
+        blob = str(run.data.params) + str(run.data.tags)
+        assert secret not in blob
+    for mv in client.search_model_versions(f"name='{profile['registry']['model_name']}'"):
+        assert secret not in str(mv.tags)
