@@ -181,7 +181,7 @@ class Registry(Strict):
 
 
 class Storage(Strict):
-    """Artifact store root (a local folder)."""
+    """Artifact store root: a local folder or an fsspec URL (s3://, gs://, file://...) shared by workers."""
 
     root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True)
 

@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import posixpath
 import shutil
 import time
 import uuid
@@ -47,13 +48,71 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_url(root: str | os.PathLike[str]) -> bool:
+    """True for fsspec URLs such as s3://, gs://, file://, memory://."""
+    return "://" in str(root)
+
+
 class ArtifactStore:
-    """Step outputs under `root/objects/<key>`, staged in `root/tmp` and renamed into place."""
+    """Step outputs under `root/objects/<key>`, staged in `root/tmp` and renamed into place.
+
+    `root` may be an fsspec URL (shared storage for workers on several machines): artifacts are then
+    built in a local cache folder and published to `URL/objects/<key>/` file by file, the manifest last,
+    so a reader never sees a partial artifact; a reader fetches and verifies a published one.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.url: str | None = None
+        if is_url(root):
+            self.url = str(root).rstrip("/")
+            from quantmill import state
+
+            root = state.home() / "store-cache" / stable_hash(self.url)[:16]
         self.root = Path(root).expanduser().resolve()
         for sub in ("objects", "tmp", "locks", "trash"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _fs(self):  # noqa: ANN202 - fsspec filesystem
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.url)[0]
+
+    def _remote(self, key: str) -> str:
+        return f"{self.url}/objects/{key}"
+
+    def publish(self, key: str) -> None:
+        """Upload a committed local artifact to the shared URL (data files first, manifest last)."""
+        fs, final = self._fs(), self.path(key)
+        for f in sorted(final.rglob("*")):
+            if f.is_file() and f.name != MANIFEST:
+                dest = f"{self._remote(key)}/{f.relative_to(final).as_posix()}"
+                fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+                fs.put_file(str(f), dest)
+        fs.put_file(str(final / MANIFEST), f"{self._remote(key)}/{MANIFEST}")
+
+    def fetch(self, key: str) -> bool:
+        """Download a published artifact into the local cache; True when it arrived intact."""
+        fs = self._fs()
+        remote = self._remote(key)
+        if not fs.exists(f"{remote}/{MANIFEST}"):
+            return False
+        staged = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            saved = json.loads(fs.cat_file(f"{remote}/{MANIFEST}"))
+            for rel in saved["files"]:
+                (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{remote}/{rel}", str(staged / rel))
+            (staged / MANIFEST).write_text(json.dumps(saved))
+            if manifest_of(staged, skip=[MANIFEST]) != saved["files"]:
+                log.warning("shared artifact %s is damaged; recomputing", remote)
+                return False
+            final = self.path(key)
+            if final.exists():
+                os.replace(final, self.root / "trash" / f"{key}.{uuid.uuid4().hex}")
+            os.replace(staged, final)
+            return True
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
 
     def path(self, key: str) -> Path:
         """Final location of an artifact."""
@@ -121,6 +180,8 @@ class ArtifactStore:
         """Return the verified artifact for `key`, building it (once, under a lock) if needed."""
         with self.lock(key):
             problem = self.verify(key)
+            if problem is not None and not force and self.url is not None and self.fetch(key):
+                problem = self.verify(key)
             if problem is None and not force:
                 return self.load(key)
             if problem != "missing":
@@ -130,6 +191,9 @@ class ArtifactStore:
             staged.mkdir(parents=True)
             try:
                 record = build(staged)
-                return self.commit(key, staged, record)
+                art = self.commit(key, staged, record)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            if self.url is not None:
+                self.publish(key)
+            return art

@@ -107,3 +107,22 @@ def test_concurrent_builders_build_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert len(log.read_text().split()) == 1
     assert ArtifactStore(tmp_path / "store").verify(key) is None
+
+
+def test_shared_fsspec_store_is_reused_by_another_machine(tmp_path, monkeypatch):
+    shared = f"file://{tmp_path / 'shared'}"
+    key = artifact_key("step", a=4)
+    monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "machine-a"))
+    built = ArtifactStore(shared).get_or_build(key, _write)
+    assert not built.cached and (tmp_path / "shared" / "objects" / key / MANIFEST).is_file()
+
+    monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "machine-b"))  # another worker, empty local cache
+    calls = []
+    other = ArtifactStore(shared).get_or_build(key, lambda out: calls.append(1) or _write(out))
+    assert calls == [] and other.cached and other.digest == built.digest
+    assert str(other.path).startswith(str(tmp_path / "machine-b"))
+
+    (tmp_path / "shared" / "objects" / key / "model.safetensors").write_text("weightz")  # damaged upstream
+    monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "machine-c"))
+    again = ArtifactStore(shared).get_or_build(key, lambda out: calls.append(1) or _write(out))
+    assert calls == [1] and (again.path / "model.safetensors").read_text() == "weights"
