@@ -1,0 +1,168 @@
+"""GPTQ (Hessian-aware, layer-by-layer) through GPTQModel, saved as a GPTQ v1 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from tasks.quantize.common import copy_tokenizer, target_linears
+from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+from tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_quantized, v1_zero_underflows
+
+# Kernel GPTQModel uses for the quantized layers it builds; only "auto" and "torch" run on CPU.
+GPTQ_KERNELS = {"auto": "auto", "torch": "gptq_torch", "triton": "gptq_triton", "exllama_v2": "gptq_exllama_v2",
+                "marlin": "gptq_marlin", "machete": "gptq_machete"}
+CPU_KERNELS = ("auto", "torch")
+
+
+class GPTQConfig(GPTQFamilyConfig):
+    """GPTQ via GPTQModel: bits, group_size, desc_act (act-order), damp_percent, sym, true_sequential, kernel."""
+
+    desc_act: bool = False
+    # GPTQModel's group-aware reordering: act-order inside/among groups, un-permuted on save (trivial g_idx,
+    # so the checkpoint stays desc_act=false); ignored with desc_act or per-channel.
+    act_group_aware: bool = True
+    damp_percent: float = Field(0.05, gt=0, lt=1)
+    true_sequential: bool = True
+    batch_size: int = Field(1, ge=1)
+    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = "auto"
+
+    def default_max_ppl_increase_pct(self) -> float:
+        """GPTQ is expected to stay within 3% of the fp baseline."""
+        return 3.0
+
+    def check_device(self, device: str) -> None:
+        """CUDA-only kernels and 4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
+        check_kernel(self.kernel, CPU_KERNELS, device)
+        super().check_device(device)
+
+
+def check_kernel(kernel: str, cpu_ok: tuple[str, ...], device: str) -> None:
+    """Raise ValueError naming `kernel` when it needs CUDA and the device is the CPU."""
+    if device != "cuda" and kernel not in cpu_ok:
+        raise ValueError(f"kernel={kernel!r} needs a CUDA GPU; use one of {list(cpu_ok)} on {device}")
+
+
+def gptqmodel_env() -> None:
+    """Keep GPTQModel within the machine's cores unless the caller chose otherwise."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+
+def gptqmodel_device(device: str) -> str:
+    """GPTQModel device string for the job's device."""
+    return "cuda:0" if device == "cuda" else "cpu"
+
+
+def load_calibration(path: Path | None) -> list[dict[str, torch.Tensor]]:
+    """Calibration rows for GPTQModel: one {'input_ids', 'attention_mask'} dict per sample."""
+    if path is None:
+        raise ValueError("this method needs calibration data (job.calibration is None)")
+    from safetensors.torch import load_file
+
+    ids = load_file(str(path))["input_ids"]
+    if ids.dim() != 2 or ids.dtype != torch.int64:
+        raise ValueError(f"{path}: input_ids must be int64 [num_samples, seq_len], got {ids.dtype} {list(ids.shape)}")
+    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+
+
+def parse_layer_errors(quant_log: Any, targets: list[str]) -> dict[str, float]:
+    """Per-module loss from GPTQModel's quant log ({process: [row]} or [row]), keyed by the full module name."""
+    rows = [r for rs in quant_log.values() for r in rs] if isinstance(quant_log, dict) else list(quant_log or [])
+    errors: dict[str, float] = {}
+    for row in rows:
+        layer, module = row.get("layer"), row.get("module")
+        try:
+            loss = float(row.get("loss"))
+        except (TypeError, ValueError):
+            continue
+        pattern = re.compile(rf"(^|\.){re.escape(str(layer))}\.{re.escape(str(module))}$")
+        match = [t for t in targets if pattern.search(t)]
+        if len(match) == 1:
+            errors[match[0]] = loss
+    return errors
+
+
+def to_fp16_checkpoint(out_dir: Path) -> None:
+    """Store full-precision tensors as fp16 (what GPTQ/AWQ kernels and vLLM expect), shard by shard."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(out_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            if not any(f.get_slice(k).get_dtype() in ("F32", "BF16") for k in f.keys()):
+                continue
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata=meta)
+
+
+def finish_checkpoint(job: QuantizeJob, targets: list[str], kept: list[str], quant_config_extra: dict) -> list[str]:
+    """Copy tokenizer, verify coverage, cast to fp16, record kept modules in quantization_config."""
+    copy_tokenizer(job.model_dir, job.out_dir)
+    quantized = require_all_quantized(targets, job.out_dir)
+    to_fp16_checkpoint(job.out_dir)
+    cfg_path = job.out_dir / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"].update(quant_config_extra, modules_to_not_convert=kept)
+    cfg.pop("torch_dtype", None)
+    cfg["quantization_config"].get("meta", {}).pop("offload_to_disk_path", None)  # a random temp dir
+    cfg["dtype"] = "float16"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return quantized
+
+
+def target_and_kept(model_dir: Path) -> tuple[list[str], list[str]]:
+    """Targeted linear names and full-precision module names, from the config alone (meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    targets = target_linears(model)
+    return sorted(targets), kept_module_names(model, targets)
+
+
+def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = torch.float32) -> Any:
+    """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
+    gptqmodel_env()
+    from gptqmodel import GPTQModel
+
+    calibration = load_calibration(job.calibration)
+    # CPU: use cpu_dtype (GPTQModel's CPU default is bf16); the device comes from qcfg.device, never load()
+    dtype = "auto" if job.device == "cuda" else cpu_dtype
+    model = GPTQModel.load(str(job.model_dir), qcfg, dtype=dtype)
+    job.progress(f"{qcfg.method}: quantizing with {len(calibration)} calibration samples on {job.device}")
+    quant_log = model.quantize(calibration, batch_size=batch_size, backend=kernel, calibration_sort=None)
+    model.save(str(job.out_dir))
+    return quant_log or getattr(model, "quant_log", None)
+
+
+@register_method("gptq", GPTQConfig, calibrated=True)
+def quantize_gptq(config: GPTQConfig, job: QuantizeJob) -> QuantizeResult:
+    """GPTQ through GPTQModel (layer-by-layer, Hessian-corrected), saved in GPTQ v1 format."""
+    from gptqmodel import QuantizeConfig
+
+    targets, kept = target_and_kept(job.model_dir)
+    qcfg = QuantizeConfig(
+        bits=config.bits, group_size=config.group_size, desc_act=config.desc_act, sym=config.sym,
+        damp_percent=config.damp_percent, true_sequential=config.true_sequential,
+        act_group_aware=config.act_group_aware and not config.desc_act and config.group_size > 0,
+        format="gptq", device=gptqmodel_device(job.device),
+    )
+    kernel = "gptq_torch" if config.kernel == "auto" and job.device != "cuda" else GPTQ_KERNELS[config.kernel]
+    quant_log = run_gptqmodel(job, qcfg, kernel, config.batch_size)
+    quantized = finish_checkpoint(job, targets, kept, {"lm_head": False})
+    bad = [] if config.sym else v1_zero_underflows(job.out_dir, config.bits)
+    if bad:  # GPTQModel computes zero=round(-min/scale), which can be 0; v1 stores zero-1 -> borrows into a neighbour
+        raise RuntimeError(f"asymmetric GPTQ produced zero-point 0 in {bad[0]} ({len(bad)} modules); the GPTQ v1 "
+                           "checkpoint would be misread per field (vLLM); use sym=true")
+    errors = parse_layer_errors(quant_log, quantized)
+    mean = sum(errors.values()) / max(1, len(errors))
+    job.progress(f"gptq: {len(quantized)} linears quantized, mean GPTQ loss {mean:.3g}")
+    return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors)

@@ -1,0 +1,101 @@
+"""Pre-emption and concurrency: kill -9 mid-quantize then rerun; two runs of one profile at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.test_pipeline_e2e import step_states
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_profile(tmp_path: Path, assets, name: str) -> Path:
+    profile = {
+        "name": name,
+        "model": {"path": str(assets.model_dir)},
+        "adapter": {"path": str(assets.adapter_dir)},
+        "calibration": {"source": {"path": str(assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
+        "evaluation": {"source": {"path": str(assets.eval_path)}, "max_tokens": 2048, "window": 256},
+        "registry": {"model_name": name},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "QUANTMILL_HOME": str(home)}
+    for var in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH"):
+        env.pop(var, None)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, text=True,
+                            start_new_session=True, **kw)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, (out or "")[-3000:] + (err or "")[-5000:]
+    return out
+
+
+def registry_state(home: Path, name: str) -> set[tuple[str, str, str]]:
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    return {(mv.tags["variant"], mv.tags["quantmill.checkpoint_sha256"], mv.tags["perplexity"])
+            for mv in client.search_model_versions(f"name='{name}'")}
+
+
+def leftovers(home: Path) -> list[Path]:
+    """Temporary files anywhere in the state folder's store."""
+    tmp = home / "artifacts" / "tmp"
+    return list(tmp.iterdir()) if tmp.exists() else []
+
+
+@pytest.mark.slow
+def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
+    name = "crash-test"
+    profile = write_profile(tmp_path, demo_assets, name)
+    reference = tmp_path / "reference"
+    finish(cli(reference, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+    home = tmp_path / "home"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh:
+        victim = cli(home, "run", str(profile), stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 900
+        while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
+            assert victim.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(victim.pid, signal.SIGKILL)  # the whole job: CLI and its ephemeral Prefect server
+        victim.wait(30)
+    assert registry_state(home, name) == set()
+
+    out = finish(cli(home, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    states = dict(step_states(out))
+    for step in ("download", "merge", "calibrate"):
+        assert states[step] == "Cached", states
+    assert registry_state(home, name) == registry_state(reference, name)
+    assert len(registry_state(home, name)) == 2
+    assert leftovers(home) == []
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
+    name = "concurrent-test"
+    profile = write_profile(tmp_path, demo_assets, name)
+    home = tmp_path / "home"
+    procs = [cli(home, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        finish(proc)
+    state = registry_state(home, name)
+    assert {v for v, _, _ in state} == {"bnb-int8", "bnb-nf4"} and len(state) == 2
+    assert leftovers(home) == []
