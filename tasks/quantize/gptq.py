@@ -112,9 +112,13 @@ def finish_checkpoint(job: QuantizeJob, targets: list[str], kept: list[str], qua
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"].update(quant_config_extra, modules_to_not_convert=kept)
     cfg.pop("torch_dtype", None)
-    cfg["quantization_config"].get("meta", {}).pop("offload_to_disk_path", None)  # a random temp dir
     cfg["dtype"] = "float16"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for path in (cfg_path, job.out_dir / "quantize_config.json"):  # GPTQModel records a random offload temp dir
+        if path.exists():
+            data = json.loads(path.read_text())
+            (data.get("quantization_config", data).get("meta") or {}).pop("offload_to_disk_path", None)
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return quantized
 
 
