@@ -19,9 +19,8 @@ def client():  # noqa: ANN201 - mlflow.MlflowClient
 
     uri = state.tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:"):
-        mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(uri)
+    mlflow.set_registry_uri(uri)  # one store for runs and registry (MLflow also exports both to os.environ)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: float = 0.5) -> None:

@@ -23,6 +23,15 @@ def pytest_configure(config: pytest.Config) -> None:
     state.configure_environment()
 
 
+def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
+    """Environment for a quantmill subprocess with its own state folder (nothing inherited from this session)."""
+    env = {**os.environ, "QUANTMILL_HOME": str(home), **extra}
+    for var in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
 def model_cache() -> Path:
     """Where trained test models are kept between runs ($QUANTMILL_TEST_MODELS or .quantmill/test-models)."""
     return Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")

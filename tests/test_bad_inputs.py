@@ -93,7 +93,7 @@ def test_bits_a_method_cannot_do(tmp_path, profile, capsys):
 
 
 def test_group_size_not_dividing_in_features(tmp_path, profile, capsys):
-    profile["recipes"][0] = {"method": "rtn", "bits": 4, "group_size": 48}
+    profile["recipes"][0] = {"method": "rtn", "bits": 8, "group_size": 48}
     fails(tmp_path, profile, capsys, "recipes.0", "group_size=48", "in_features=128")
 
 

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import yaml
 
+from tests.conftest import subprocess_env
 from tests.test_pipeline_e2e import step_states
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +35,7 @@ def write_profile(tmp_path: Path, assets, name: str) -> Path:
 
 
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "QUANTMILL_HOME": str(home)}
-    for var in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH"):
-        env.pop(var, None)
+    env = subprocess_env(home)
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, text=True,
                             start_new_session=True, **kw)
 

@@ -13,6 +13,8 @@ import pytest
 import requests
 import yaml
 
+from tests.conftest import subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 CONSUMER = """
 import sys, mlflow
@@ -73,9 +75,7 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
     }
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "QUANTMILL_HOME": str(tmp_path / "home")}
-    env.pop("PREFECT_HOME", None)
-    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    env = subprocess_env(tmp_path / "home", MLFLOW_TRACKING_URI=mlflow_server)
     run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

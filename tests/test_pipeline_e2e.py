@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from quantmill.hashing import hash_tree
-from tests.conftest import model_cache
+from tests.conftest import model_cache, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
@@ -19,9 +18,7 @@ STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", 
 
 def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     """`quantmill ARGS` in a fresh process against the state folder `home`."""
-    env = {**os.environ, "QUANTMILL_HOME": str(home), "QUANTMILL_DEMO_ROOT": str(model_cache())}
-    env.pop("PREFECT_HOME", None)
-    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
     )
