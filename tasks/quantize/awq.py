@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from tasks.quantize.gptq import (
     check_kernel,
@@ -19,8 +19,8 @@ from tasks.quantize.gptq import (
     run_gptqmodel,
     target_and_kept,
 )
-from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import check_cpu_int4_group
+from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+from tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group
 
 AWQ_KERNELS = {"auto": "auto", "torch": "awq_torch", "gemm": "awq_gemm", "marlin": "awq_marlin",
                "exllama_v2": "awq_exllama_v2"}
@@ -29,11 +29,10 @@ AUTOAWQ_HINT = "backend='autoawq' needs AutoAWQ, which is not installed: pip ins
 _PATCH_LOCK = threading.Lock()
 
 
-class AWQConfig(MethodConfig):
+class AWQConfig(GroupedConfig):
     """AWQ: 4-bit, group_size, zero_point, clip_search, duo_scaling, backend (gptqmodel|autoawq), kernel."""
 
     bits: Literal[4] = 4
-    group_size: int = 128
     zero_point: bool = True
     # Scale search itself is AWQ (without it AWQ is RTN); neither backend can switch it off. These two tune it:
     clip_search: bool = True  # search a per-group clipping threshold after scaling (both backends: apply_clip)
@@ -41,19 +40,6 @@ class AWQConfig(MethodConfig):
     backend: Literal["gptqmodel", "autoawq"] = "gptqmodel"
     kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = "auto"
     batch_size: int = Field(1, ge=1)
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, v: int) -> int:
-        """-1 (per-channel) or a positive group size."""
-        if v == 0 or v < -1:
-            raise ValueError("group_size must be -1 (per-channel) or a positive integer")
-        return v
-
-    @property
-    def weight_group_size(self) -> int | None:
-        """Group size, None for per-channel."""
-        return None if self.group_size == -1 else self.group_size
 
     def default_max_ppl_increase_pct(self) -> float:
         """AWQ is expected to stay within 3% of the fp baseline."""

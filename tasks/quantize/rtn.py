@@ -24,12 +24,10 @@ def check_cpu_int4_group(bits: int, group_size: int, device: str) -> None:
                          f"kernels take group sizes {list(CPU_INT4_GROUPS)} (per-channel needs a CUDA device)")
 
 
-class GPTQFamilyConfig(MethodConfig):
-    """Fields and checks shared by the GPTQ-format methods (rtn, gptq)."""
+class GroupedConfig(MethodConfig):
+    """A group_size field (-1 = per-channel) shared by the grouped weight quantizers (rtn, gptq, awq)."""
 
-    bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
-    sym: bool = True
 
     @field_validator("group_size")
     @classmethod
@@ -43,6 +41,13 @@ class GPTQFamilyConfig(MethodConfig):
     def weight_group_size(self) -> int | None:
         """Group size, None for per-channel."""
         return None if self.group_size == -1 else self.group_size
+
+
+class GPTQFamilyConfig(GroupedConfig):
+    """Fields and checks shared by the GPTQ-format methods (rtn, gptq)."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    sym: bool = True
 
     def check_device(self, device: str) -> None:
         """4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
