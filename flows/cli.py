@@ -144,6 +144,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from quantmill.plan import plan_profile, render, this_machine
+    from quantmill.profile import load_profile
+
+    profile = load_profile(args.profile, args.set or [])
+    machine = this_machine(profile.storage.root)
+    rows = plan_profile(profile, machine)
+    console().print(render(rows, machine))
+    bad = [r.step for r in rows if not r.fits]
+    print(f"{len(bad)} step(s) will not fit: {', '.join(bad)}" if bad else "every step fits on this machine")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import)."""
     parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
@@ -156,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile")
     p.add_argument("--set", action="append", metavar="dotted.key=value")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("plan", help="estimate each step's memory, disk and device from config and headers (exit 1: will not fit)")
+    p.add_argument("profile")
+    p.add_argument("--set", action="append", metavar="dotted.key=value")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("demo", help="build the demo model (once) and run profiles/demo.yaml")
     p.add_argument("--set", action="append", metavar="dotted.key=value")
     p.set_defaults(fn=cmd_demo)

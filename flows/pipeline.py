@@ -51,7 +51,7 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
     device = pick_device() if profile.device == "auto" else profile.device
     run_id = start_run(profile)
     base = download(profile.model, store)
-    model = merge(base, profile.adapter, store)
+    model = merge(base, profile.adapter, store, profile.merge)
     preflight(model, profile.recipes, device, store)
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import time
@@ -20,7 +21,18 @@ def client():  # noqa: ANN201 - mlflow.MlflowClient
     uri = state.tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # one store for runs and registry (MLflow also exports both to os.environ)
-    return mlflow.MlflowClient(uri, registry_uri=uri)
+    if not uri.startswith("sqlite:"):
+        return mlflow.MlflowClient(uri, registry_uri=uri)
+    lock = state.home() / "locks" / "mlflow-db.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:  # two processes creating one SQLite store race in its migrations
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            c = mlflow.MlflowClient(uri, registry_uri=uri)
+            c.search_registered_models(max_results=1)  # initialise the registry store under the lock too
+            return c
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: float = 0.5) -> None:

@@ -26,7 +26,7 @@ SHA_TAG = "quantmill.checkpoint_sha256"
 
 
 def version_tags(
-    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef
+    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None
 ) -> dict[str, str]:
     """Tags every registered version carries (what, from where, how good)."""
     cfg = ckpt.config
@@ -43,7 +43,8 @@ def version_tags(
         "base_sha256": base.sha256,
         "adapter_sha256": str(model.adapter_sha256 or ""),
         "merged_sha256": model.sha256 if model.merged else "",
-        "calibration_digest": str(ckpt.calib_digest or ""),
+        "calibration_digest": str(ckpt.calib_digest or (calib.digest if calib else "")),
+        "calibration_used": str(ckpt.calib_digest is not None).lower(),
         "eval_digest": result.eval_digest,
         "perplexity": f"{result.metrics['perplexity']:.6g}",
         "baseline_perplexity": f"{baseline.metrics['perplexity']:.6g}",
@@ -143,7 +144,7 @@ def register(
         existing = find_version(client, name, ckpt.sha256)
         if existing is not None:
             return str(existing.version)
-        tags = version_tags(ckpt, result, baseline, base, model)
+        tags = version_tags(ckpt, result, baseline, base, model, calib)
         card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)
         logged = client.create_logged_model(
             tracking.experiment_id(name), name=ckpt.name, source_run_id=run_id, tags=tags,
