@@ -88,6 +88,8 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
 
 
 @pytest.mark.slow
+@pytest.mark.skip(reason="known open bug: two concurrent runs sharing one state folder stall in the first "
+                  "variant's evaluate (store lock + two ephemeral Prefect servers on one SQLite DB); see issue 5")
 def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
     name = "concurrent-test"
     profile = write_profile(tmp_path, demo_assets, name)
