@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,15 +18,15 @@ from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 CONSUMER = """
-import sys, mlflow
+import json, sys, mlflow
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path = mlflow.artifacts.download_artifacts("models:/{name}@champion", dst_path=sys.argv[1])
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path)
 ids = tok("The for statement", return_tensors="pt")
 out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-print("COMPLETION:" + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
-print("CLASS:" + type(model).__name__)
+print("RESULT:" + json.dumps({{"completion": tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True),
+                              "class": type(model).__name__}}))
 """
 
 
@@ -86,8 +87,8 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
     consumer = subprocess.run([sys.executable, "-c", CONSUMER.format(name=name), str(tmp_path / "pulled")],
                               env=consumer_env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert consumer.returncode == 0, consumer.stderr[-4000:]
-    completion = consumer.stdout.split("COMPLETION:")[1].split("\n")[0]
-    assert completion.strip(), consumer.stdout
+    result = json.loads(consumer.stdout.split("RESULT:")[1].splitlines()[0])
+    assert result["completion"].strip() and result["class"] == "LlamaForCausalLM", consumer.stdout
 
     import mlflow
 
