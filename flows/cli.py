@@ -44,7 +44,8 @@ def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -
     from quantmill.report import build_report, rich_table
 
     out = console()
-    out.print(rich_table(build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id)))
+    report = build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id, notes=summary.notes)
+    out.print(rich_table(report))
     if states:
         cached = sum(1 for _, s in states if s == "Cached")
         out.print(f"steps: {len(states)} task runs, {cached} cached: " + ", ".join(f"{n}={s}" for n, s in states))
@@ -55,18 +56,22 @@ def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -
 
 
 def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
-    """(task name, final state name) of every task run in a flow run, in start order."""
+    """(task name, final state name) of every task run in a flow run and its subflows, in start order."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *(f.id for f in subflows)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
     runs = sorted(runs, key=lambda r: r.expected_start_time or r.created)
     return [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
 
 
-def run_profile(path: str, overrides: Sequence[str]) -> Any:
-    """Validate the profile, run the pipeline flow, print the summary; returns the RunSummary."""
+def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize") -> Any:
+    """Validate the profile, run the quantize (or sweep) flow, print the summary; returns the RunSummary."""
     from quantmill.profile import load_profile
 
     profile = load_profile(path, list(overrides))
@@ -75,9 +80,10 @@ def run_profile(path: str, overrides: Sequence[str]) -> Any:
     check_reachable()
     _quiet_user_errors()
     from flows.pipeline import quantize_pipeline
+    from flows.sweep import sweep
 
     start = time.time()
-    state_ = quantize_pipeline(profile, return_state=True)
+    state_ = (sweep if flow_name == "sweep" else quantize_pipeline)(profile, return_state=True)
     summary = state_.result()
     print_summary(summary, task_states(state_.state_details.flow_run_id), time.time() - start)
     return summary
@@ -88,11 +94,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    run_profile(args.profile, args.set or [], flow_name="sweep")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from quantmill.profile import load_profile
 
-    profile = load_profile(args.profile, args.set or [])
-    print(f"{args.profile}: ok ({len(profile.recipes)} recipes: {', '.join(r.name for r in profile.recipes)})")
+    recipes, skipped = load_profile(args.profile, args.set or []).all_recipes()
+    print(f"{args.profile}: ok ({len(recipes)} recipes: {', '.join(r.name for r in recipes)})")
+    for line in skipped:
+        print(f"  skipped (sweep.grid): {line}")
     return 0
 
 
@@ -165,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile")
     p.add_argument("--set", action="append", metavar="dotted.key=value", help="override a profile field")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="run a profile's recipes and sweep.grid in parallel (threads or Dask)")
+    p.add_argument("profile")
+    p.add_argument("--set", action="append", metavar="dotted.key=value", help="override a profile field")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("validate", help="check a profile without running anything")
     p.add_argument("profile")
     p.add_argument("--set", action="append", metavar="dotted.key=value")

@@ -1,13 +1,19 @@
-"""The quantize flow: download -> merge -> calibrate -> quantize -> evaluate -> register."""
+"""The quantize flow: download -> merge -> calibrate -> quantize -> evaluate -> register.
+
+`prepare`, `variant` and `finish` are the three stages every flow wires: the sweep flow
+(flows/sweep.py) reuses them with its recipes fanned out on a configurable task runner.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel, ConfigDict
 
-from quantmill.profile import Profile
+from quantmill.profile import Profile, Recipe
+from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
 from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
@@ -28,6 +34,21 @@ class RunSummary(BaseModel):
     baseline: dict[str, Any]
     rows: list[dict[str, Any]]
     aliases: dict[str, str]
+    notes: list[str] = []
+
+
+class Shared(BaseModel):
+    """Outputs of the steps every variant shares (computed once per run)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    run_id: str
+    device: str
+    base: ModelRef
+    model: ModelRef
+    calib: CalibRef
+    data: EvalDataRef
+    baseline: EvalRef
 
 
 def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # noqa: ANN001
@@ -44,33 +65,61 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     }
 
 
-@flow(name="quantize", log_prints=True)
-def quantize_pipeline(profile: Profile) -> RunSummary:
-    """Turn one run profile into quantized, evaluated, registered model variants."""
+def prepare(profile: Profile, recipes: list[Recipe]) -> Shared:
+    """Run the shared steps: tracking run, download, merge, preflight, calibration, eval data, baseline."""
     store = profile.storage.root
     device = pick_device() if profile.device == "auto" else profile.device
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
-    preflight(model, profile.recipes, device, store)
+    preflight(model, recipes, device, store)
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
     baseline = evaluate(model, data, device, store, spec=profile.evaluation)
-    rows, variants = [], []
-    for recipe in profile.recipes:
-        ckpt = quantize(model, recipe, calib, device, store)
-        result = evaluate(ckpt, data, device, store, baseline=baseline, spec=profile.evaluation)
-        verdict = gate(ckpt, result, baseline, profile.evaluation)
-        version = register(ckpt, result, verdict, baseline, base, model, calib, profile.registry, run_id)
-        rows.append(summary_row(ckpt, result, baseline, verdict, version))
-        variants.append({"ckpt": ckpt, "result": result, "verdict": verdict, "version": version})
+    return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline)
+
+
+def variant(profile: Profile, shared: Shared, recipe: Recipe) -> dict[str, PrefectFuture]:
+    """Submit one recipe's quantize -> evaluate -> gate -> register chain to the flow's task runner."""
+    s, store = shared, profile.storage.root
+    ckpt = quantize.submit(s.model, recipe, s.calib, s.device, store)
+    result = evaluate.submit(ckpt, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation)
+    verdict = gate.submit(ckpt, result, s.baseline, profile.evaluation)
+    version = register.submit(ckpt, result, verdict, s.baseline, s.base, s.model, s.calib, profile.registry,
+                              s.run_id)
+    return {"ckpt": ckpt, "result": result, "verdict": verdict, "version": version}
+
+
+def finish(
+    profile: Profile, shared: Shared, variants: list[dict[str, Any]], skipped: list[str] = (), failed: list[str] = (),
+) -> RunSummary:
+    """Move aliases once, log lineage and the comparison report (with skipped/failed recipes), summarise."""
+    s = shared
+    rows = [summary_row(v["ckpt"], v["result"], s.baseline, v["verdict"], v["version"]) for v in variants]
     aliases = promote(profile.registry)
-    log_lineage(run_id, base, model, calib, data, baseline, variants)
-    publish_report(run_id, rows, baseline.metrics, profile.registry.model_name, device)
-    log_results(run_id, rows)
+    log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
+    notes = [f"skipped (sweep.grid): {line}" for line in skipped] + [f"failed: {line}" for line in failed]
+    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes)
+    log_results(s.run_id, rows)
     return RunSummary(
-        run_id=run_id, model_name=profile.registry.model_name, baseline=baseline.metrics, rows=rows, aliases=aliases
+        run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
+        aliases=aliases, notes=notes,
     )
+
+
+def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
+    """Wait for one variant's chain and return its results (raises the first failure)."""
+    return {k: f.result() for k, f in futures.items()}
+
+
+@flow(name="quantize", log_prints=True)
+def quantize_pipeline(profile: Profile) -> RunSummary:
+    """Turn one run profile into quantized, evaluated, registered model variants."""
+    recipes, skipped = profile.all_recipes()
+    shared = prepare(profile, recipes)
+    # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead).
+    variants = [resolved(variant(profile, shared, recipe)) for recipe in recipes]
+    return finish(profile, shared, variants, skipped)
 
 
 @flow(name="quantize-profile-file", log_prints=True)

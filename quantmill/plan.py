@@ -367,7 +367,7 @@ def plan_profile(profile: Any, machine: Machine | None = None, runtime: int = RU
     vocab, window = int(w.config.get("vocab_size") or 32000), ev.window or int(w.config.get("max_position_embeddings") or 2048)
     base_eval = evaluate_memory(w.params * w.itemsize, vocab, window, ev.batch_size, ev.kl_topk)
     rows.append(_eval_row("evaluate/baseline", device, base_eval, ev.max_tokens * ev.kl_topk * 8, m))
-    for recipe in profile.recipes:
+    for recipe in profile.all_recipes()[0]:
         rows.append(quantize_row(w, recipe, cal, device, m))
         need = evaluate_memory(int(rows[-1].output * 1.2), vocab, window, ev.batch_size, 0)
         rows.append(_eval_row(f"evaluate/{recipe.name}", device, need, 0, m))

@@ -225,6 +225,69 @@ class Recipe(Strict):
         return build_config(self.method, self.params)
 
 
+class Sweep(Strict):
+    """A grid of recipes (methods x bits x group sizes) and the task runner the sweep fans them out on."""
+
+    class Grid(Strict):
+        """One block of the grid; an axis a method does not have (e.g. bits of bnb-nf4) is ignored for it."""
+
+        methods: list[str] = Field(min_length=1)
+        bits: list[int] = []
+        group_sizes: list[int] = []
+        params: dict[str, Any] = {}
+
+        @field_validator("methods")
+        @classmethod
+        def _known(cls, v: list[str]) -> list[str]:
+            from tasks.quantize import get_method
+
+            for name in v:
+                get_method(name)  # an unknown name lists the known ones
+            return v
+
+    class Runner(Strict):
+        """Threads in the flow process (default), or Dask: a local cluster, or a scheduler `address`."""
+
+        kind: Literal["threads", "dask"] = "threads"
+        max_workers: int = Field(2, gt=0)
+        address: str | None = None
+        threads_per_worker: int = Field(1, gt=0)
+        memory_limit: str | None = None
+
+        @model_validator(mode="after")
+        def _address(self) -> "Sweep.Runner":
+            if self.address is not None and self.kind != "dask":
+                raise ValueError("address is a Dask scheduler address; set kind: dask")
+            return self
+
+    grid: list[Grid] = []
+    runner: Runner = Runner()
+
+    def expand(self) -> tuple[list["Recipe"], list[str]]:
+        """Recipes of the grid, and one line per combination a method cannot do (skipped, reported)."""
+        from itertools import product
+
+        from tasks.quantize import get_method
+
+        recipes: dict[str, Recipe] = {}
+        skipped: list[str] = []
+        for block in self.grid:
+            for method in block.methods:
+                axes = get_method(method).config_cls.SWEEP_AXES
+                bits = block.bits if "bits" in axes and block.bits else [None]
+                groups = block.group_sizes if "group_size" in axes and block.group_sizes else [None]
+                for b, g in product(bits, groups):
+                    params = {**block.params, **({"bits": b} if b is not None else {}),
+                              **({"group_size": g} if g is not None else {})}
+                    try:
+                        recipe = Recipe(method=method, params=params)
+                    except ValidationError as exc:
+                        skipped.append(f"{method} {params}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
+                        continue
+                    recipes.setdefault(recipe.name, recipe)
+        return list(recipes.values()), skipped
+
+
 class Merge(Strict):
     """How a LoRA adapter is merged: memory strategy, failure policy, and the base a QLoRA adapter merges into."""
 
@@ -242,7 +305,8 @@ class Profile(Strict):
     adapter: Source | None = None
     merge: Merge = Merge()
     calibration: Calibration
-    recipes: list[Recipe] = Field(min_length=1)
+    recipes: list[Recipe] = []
+    sweep: Sweep | None = None
     evaluation: Evaluation
     registry: Registry
     storage: Storage = Storage()
@@ -250,11 +314,25 @@ class Profile(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Profile":
+        if not self.recipes and not (self.sweep and self.sweep.grid):
+            raise ValueError("recipes: give at least one recipe (or a sweep.grid)")
         names = [r.name for r in self.recipes]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"recipe names must be unique; repeated: {', '.join(sorted(dup))} (set 'name')")
+        if self.sweep and self.sweep.grid:
+            recipes, skipped = self.all_recipes()
+            if not recipes:
+                raise ValueError("sweep.grid: no combination is valid: " + "; ".join(skipped))
         return self
+
+    def all_recipes(self) -> tuple[list[Recipe], list[str]]:
+        """The explicit recipes plus the sweep grid's (first wins on a name clash), and skipped grid lines."""
+        if not (self.sweep and self.sweep.grid):
+            return list(self.recipes), []
+        grid, skipped = self.sweep.expand()
+        names = {r.name for r in self.recipes}
+        return list(self.recipes) + [r for r in grid if r.name not in names], skipped
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -78,3 +78,16 @@ class Verdict(Ref):
     passed: bool
     reasons: list[str] = []
     limits: dict[str, float] = {}
+
+
+class EvalDataRef(Ref):
+    """Held-out token windows shared by the baseline and every variant."""
+
+    path: str
+    digest: str
+    window: int
+    tokens: int
+    source: str
+    store_key: str
+    stride: int | None = None
+    windows: int | None = None

@@ -56,12 +56,14 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def build_report(
     rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", run_id: str = "", device: str = "",
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Everything the tables and the chart need, as plain JSON-able data."""
+    """Everything the tables and the chart need, as plain JSON-able data (notes: skipped/failed recipes)."""
     all_rows = [baseline_row(baseline)] + [dict(r) for r in rows]
     return {
         "schema": SCHEMA, "model_name": model_name, "run_id": run_id, "device": device,
         "columns": [list(c) for c in columns_for(all_rows)], "rows": json.loads(json.dumps(all_rows, default=str)),
+        "notes": list(notes or []),
     }
 
 
@@ -132,6 +134,7 @@ def rich_table(report: dict[str, Any]):  # noqa: ANN201 - a rich renderable
         styled = [f"[{color}]{escape(c)}[/]" if color and k == "gate" else escape(c) for k, c in zip(keys, cells)]
         table.add_row(*styled, style="bold" if gate == "baseline" else None)
     notes = [Text.assemble(("FAIL ", "red"), (f"{name}: ", "bold"), reasons) for name, reasons in failures(report)]
+    notes += [Text.assemble(("NOTE ", "yellow"), note) for note in report.get("notes", [])]
     return Group(table, *notes)
 
 
@@ -141,6 +144,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"### {title(report)}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for cells in table_cells(report):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if report.get("notes"):
+        lines += [""] + [f"- {note}" for note in report["notes"]]
     if report.get("run_id"):
         lines += ["", f"MLflow run: `{report['run_id']}`"]
     return "\n".join(lines) + "\n"

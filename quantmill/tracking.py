@@ -57,6 +57,8 @@ def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: fl
 
 def experiment_id(name: str) -> str:
     """Id of the experiment `name`, created with a state-folder artifact location if needed."""
+    from mlflow.exceptions import MlflowException
+
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -64,7 +66,13 @@ def experiment_id(name: str) -> str:
     location = None
     if state.tracking_uri().startswith("sqlite:"):
         location = (state.artifact_root() / name).as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)  # another run created it between our lookup and create
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

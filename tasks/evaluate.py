@@ -25,7 +25,8 @@ from prefect import task
 from quantmill.caching import StepCache
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Evaluation, Gates
-from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Ref, Verdict
+from quantmill.concurrency import holding_gpu
+from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
 from quantmill.store import ArtifactStore
 from quantmill.textdata import read_documents, tokenize_stream
 from tasks.quantize import build_config
@@ -36,19 +37,6 @@ TOKENS_FILE = "eval_windows.safetensors"
 REFERENCE_FILE = "reference.safetensors"
 LOGITS_BUDGET = 2**27  # fp32 logits elements per forward batch (512 MiB)
 log = logging.getLogger("quantmill.evaluate")
-
-
-class EvalDataRef(Ref):
-    """Held-out token windows shared by the baseline and every variant."""
-
-    path: str
-    digest: str
-    window: int
-    tokens: int
-    source: str
-    store_key: str
-    stride: int | None = None
-    windows: int | None = None
 
 
 def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
@@ -430,7 +418,7 @@ def evaluate(
     cfg = settings(spec)
     reference = baseline_reference(baseline, data, store_root) if baseline is not None else None
     art = ArtifactStore(store_root).get_or_build(
-        key, lambda out: score(target.path, data, device, cfg, baseline, reference, out)
+        key, holding_gpu(device, lambda out: score(target.path, data, device, cfg, baseline, reference, out))
     )
     is_variant = isinstance(target, CheckpointRef)
     return EvalRef(

@@ -41,6 +41,7 @@ from prefect.logging import get_run_logger
 from quantmill.caching import StepCache
 from quantmill.errors import QuantmillError
 from quantmill.models import META_PATTERNS, model_summary
+from quantmill.concurrency import gpu_slot
 from quantmill.plan import choose_merge_strategy, folder_weights, read_header
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
@@ -361,11 +362,12 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, spec: Merge | N
     dequantized = spec.qlora_merge == "dequantized" and training["method"] == "qlora"
     job = MergeJob(ad, training["quantization"] if dequantized else None, "cuda" if strategy == "gpu" else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if strategy == "streaming":
-        for src in shards:
-            stream_shard(src, out_dir / src.name, job)
-    else:
-        memory_merge(shards, out_dir, job)
+    with gpu_slot(job.device):
+        if strategy == "streaming":
+            for src in shards:
+                stream_shard(src, out_dir / src.name, job)
+        else:
+            memory_merge(shards, out_dir, job)
     for pattern in (*META_PATTERNS, "*.safetensors.index.json"):
         for f in base_dir.glob(pattern):
             shutil.copy2(f, out_dir / f.name)

@@ -1,0 +1,75 @@
+"""The sweep flow: one model, many recipes; shared steps once, variants fanned out on a task runner."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variant
+from quantmill.errors import QuantmillError
+from quantmill.profile import Profile, Recipe, Sweep
+
+
+def api_url() -> str:
+    """The Prefect API this flow reports to (the temporary server's URL when none is configured)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url).rstrip("/")
+
+
+def task_runner(spec: Sweep.Runner) -> TaskRunner:
+    """Threads in this process, a local Dask cluster, or the Dask scheduler at `spec.address`."""
+    if spec.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=spec.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if spec.address:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise QuantmillError("sweep.runner.address: workers of a remote Dask cluster report to a Prefect server; "
+                                 "start one and set PREFECT_API_URL (README: Run as a service)")
+        return DaskTaskRunner(address=spec.address)
+    # Local workers report task runs to this flow's API (else each would start a temporary server of its own).
+    cluster: dict[str, Any] = {"n_workers": spec.max_workers, "threads_per_worker": spec.threads_per_worker,
+                               "processes": True, "dashboard_address": ":0", "env": {"PREFECT_API_URL": api_url()}}
+    if spec.memory_limit:
+        cluster["memory_limit"] = spec.memory_limit
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
+
+
+@flow(name="sweep-variants", log_prints=True)
+def fan_out(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, Any]]:
+    """Submit every recipe's chain at once; return each variant's results, or its error."""
+    futures = [(recipe, variant(profile, shared, recipe)) for recipe in recipes]
+    out = []
+    for recipe, chain in futures:
+        try:
+            out.append(resolved(chain))
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
+            get_run_logger().error("variant %s failed: %s", recipe.name, exc)
+            out.append({"name": recipe.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
+    return out
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(profile: Profile) -> RunSummary:
+    """Quantize one model with a grid of recipes: shared steps once, variants in parallel, one report."""
+    log = get_run_logger()
+    recipes, skipped = profile.all_recipes()
+    for line in skipped:
+        log.warning("sweep.grid: skipped %s", line)
+    spec = profile.sweep.runner if profile.sweep else Sweep.Runner()
+    log.info("sweep of %d recipes on %s", len(recipes), spec.address or f"{spec.kind} x{spec.max_workers}")
+    runner = task_runner(spec)
+    shared = prepare(profile, recipes)
+    results = fan_out.with_options(task_runner=runner)(profile, shared, recipes)
+    failed = [r for r in results if "error" in r]
+    summary = finish(profile, shared, [r for r in results if "error" not in r], skipped=skipped,
+                     failed=[f"{r['name']}: {r['error']}" for r in failed])
+    if failed:
+        raise QuantmillError(f"sweep: {len(failed)} of {len(results)} variants failed: "
+                             + "; ".join(f"{r['name']} ({r['error']})" for r in failed))
+    return summary

@@ -1,0 +1,87 @@
+"""Sweeps: a grid of recipes expanded from the profile, fanned out on a local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantmill.errors import ProfileError
+from quantmill.profile import parse_profile
+from tests.test_pipeline_e2e import mlflow_client, run_cli, step_states
+
+BASE = {
+    "model": {"path": "/m"},
+    "calibration": {"source": {"path": "/c.txt"}},
+    "evaluation": {"source": {"path": "/e.txt"}},
+    "registry": {"model_name": "s"},
+}
+
+
+def test_grid_expands_per_method_axes_and_reports_what_it_skips():
+    profile = parse_profile({**BASE, "recipes": [{"method": "rtn", "bits": 8, "group_size": 64, "name": "mine"}],
+                             "sweep": {"grid": [{"methods": ["rtn", "awq", "bnb-nf4"], "bits": [4, 8],
+                                                 "group_sizes": [64, 128]}]}})
+    recipes, skipped = profile.all_recipes()
+    names = [r.name for r in recipes]
+    # bnb-nf4 has no bits/group axes (one recipe); awq only does 4 bits (8 is skipped with the reason)
+    assert names == ["mine", "rtn-w4g64", "rtn-w4g128", "rtn-w8g64", "rtn-w8g128", "awq-w4g64", "awq-w4g128", "bnb-nf4"]
+    assert len(skipped) == 2 and all(line.startswith("awq {'bits': 8") and "bits" in line for line in skipped)
+    assert recipes[3].params["bits"] == 8 and recipes[3].params["group_size"] == 64
+
+
+def test_grid_without_a_valid_combination_is_a_clear_error():
+    with pytest.raises(ProfileError, match=r"sweep.*no combination is valid: awq .*bits"):
+        parse_profile({**BASE, "sweep": {"grid": [{"methods": ["awq"], "bits": [8]}]}})
+    with pytest.raises(ProfileError, match=r"sweep.grid.0.methods.*unknown quantization method 'gptx'.*known"):
+        parse_profile({**BASE, "sweep": {"grid": [{"methods": ["gptx"]}]}})
+    with pytest.raises(ProfileError, match=r"recipes: give at least one recipe"):
+        parse_profile(BASE)
+    with pytest.raises(ProfileError, match=r"sweep.runner.*address.*kind: dask"):
+        parse_profile({**BASE, "recipes": [{"method": "rtn"}], "sweep": {"runner": {"address": "tcp://h:8786"}}})
+
+
+@pytest.mark.slow
+def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_path, demo_assets):
+    name = "sweep-test"
+    profile = {
+        "name": name,
+        "model": {"path": str(demo_assets.model_dir)},
+        "adapter": {"path": str(demo_assets.adapter_dir)},
+        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "sweep": {"grid": [{"methods": ["rtn"], "bits": [4, 8], "group_sizes": [64]},
+                           {"methods": ["bnb-int8", "bnb-nf4"]}],
+                  "runner": {"kind": "dask", "max_workers": 2}},
+        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 2048, "window": 256,
+                       "speed": {"enabled": False}},
+        "registry": {"model_name": name},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    home = tmp_path / "home"
+    proc = run_cli(home, "sweep", str(path))
+    out = proc.stdout
+    assert "Creating a new Dask cluster" in proc.stderr and "Starting temporary server" not in proc.stderr.split(
+        "Creating a new Dask cluster")[1]  # workers report to this run's API, not to servers of their own
+    states = step_states(out)
+    counts: dict[str, int] = {}
+    for step, st in states:
+        assert st == "Completed", states
+        counts[step] = counts.get(step, 0) + 1
+    for shared in ("download", "merge", "calibrate", "eval-data", "promote", "publish-report"):
+        assert counts[shared] == 1, counts
+    assert counts["quantize"] == 4 and counts["gate"] == 4 and counts["register"] == 4, counts
+    assert counts["evaluate"] == 5, counts  # the baseline once, then each variant
+
+    client = mlflow_client(home)
+    versions = client.search_model_versions(f"name='{name}'")
+    evaluated = {mv.tags["variant"] for mv in versions}
+    run = client.get_run(versions[0].run_id)
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path))).read_text())
+    rows = {r["variant"]: r for r in report["rows"][1:]}
+    assert set(rows) == {"rtn-w4g64", "rtn-w8g64", "bnb-int8", "bnb-nf4"}
+    assert all(r["perplexity"] > 0 for r in rows.values())
+    assert evaluated == {v for v, r in rows.items() if r["gate"] == "pass"} and len(evaluated) >= 3
+    assert client.get_model_version_by_alias(name, "champion").tags["variant"] in evaluated
