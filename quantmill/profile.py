@@ -22,7 +22,11 @@ class Strict(BaseModel):
 
 
 def expand(path: str) -> str:
-    """Expand ${VARS} and ~ in a path-like string."""
+    """Expand ${VARS} and ~ in a path-like string (${QUANTMILL_HOME} defaults to the state folder)."""
+    from quantmill import state
+
+    for var in ("${QUANTMILL_HOME}", "$QUANTMILL_HOME"):
+        path = path.replace(var, str(state.home()))  # also in processes nobody configured (e.g. a worker's run)
     return os.path.expanduser(os.path.expandvars(path))
 
 
