@@ -1,6 +1,6 @@
 """The quantize flow: download -> merge -> calibrate -> quantize -> evaluate -> register.
 
-`prepare`, `variant` and `finish` are the three stages every flow wires: the sweep flow
+`prepare`, `variants` and `finish` are the three stages every flow wires: the sweep flow
 (flows/sweep.py) reuses them with its recipes fanned out on a configurable task runner.
 """
 
@@ -79,15 +79,22 @@ def prepare(profile: Profile, recipes: list[Recipe]) -> Shared:
     return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline)
 
 
-def variant(profile: Profile, shared: Shared, recipe: Recipe) -> dict[str, PrefectFuture]:
-    """Submit one recipe's quantize -> evaluate -> gate -> register chain to the flow's task runner."""
+def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, PrefectFuture]]:
+    """Submit each recipe's quantize -> evaluate -> gate -> register chain to the flow's task runner.
+
+    Stage by stage (every quantize first), so a thread pool starts the heavy steps before any task
+    waits on its upstream; a Dask runner hands the dependencies to its scheduler either way.
+    """
     s, store = shared, profile.storage.root
-    ckpt = quantize.submit(s.model, recipe, s.calib, s.device, store)
-    result = evaluate.submit(ckpt, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation)
-    verdict = gate.submit(ckpt, result, s.baseline, profile.evaluation)
-    version = register.submit(ckpt, result, verdict, s.baseline, s.base, s.model, s.calib, profile.registry,
-                              s.run_id)
-    return {"ckpt": ckpt, "result": result, "verdict": verdict, "version": version}
+    ckpts = [quantize.submit(s.model, recipe, s.calib, s.device, store) for recipe in recipes]
+    results = [evaluate.submit(c, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation) for c in ckpts]
+    verdicts = [gate.submit(c, r, s.baseline, profile.evaluation) for c, r in zip(ckpts, results)]
+    versions = [
+        register.submit(c, r, v, s.baseline, s.base, s.model, s.calib, profile.registry, s.run_id)
+        for c, r, v in zip(ckpts, results, verdicts)
+    ]
+    keys = ("ckpt", "result", "verdict", "version")
+    return [dict(zip(keys, chain)) for chain in zip(ckpts, results, verdicts, versions)]
 
 
 def finish(
@@ -118,8 +125,8 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
     recipes, skipped = profile.all_recipes()
     shared = prepare(profile, recipes)
     # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead).
-    variants = [resolved(variant(profile, shared, recipe)) for recipe in recipes]
-    return finish(profile, shared, variants, skipped)
+    done = [resolved(variants(profile, shared, [recipe])[0]) for recipe in recipes]
+    return finish(profile, shared, done, skipped)
 
 
 @flow(name="quantize-profile-file", log_prints=True)

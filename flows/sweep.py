@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variant
+from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
 from quantmill.profile import Profile, Recipe, Sweep
 
@@ -43,9 +43,8 @@ def task_runner(spec: Sweep.Runner) -> TaskRunner:
 @flow(name="sweep-variants", log_prints=True)
 def fan_out(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, Any]]:
     """Submit every recipe's chain at once; return each variant's results, or its error."""
-    futures = [(recipe, variant(profile, shared, recipe)) for recipe in recipes]
     out = []
-    for recipe, chain in futures:
+    for recipe, chain in zip(recipes, variants(profile, shared, recipes)):
         try:
             out.append(resolved(chain))
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others

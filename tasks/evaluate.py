@@ -95,9 +95,29 @@ def load_windows(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, data.get("first", torch.ones(ids.shape[0], dtype=torch.long))
 
 
+class OncePerMessage(logging.Filter):
+    """Let each distinct message through once (bitsandbytes warns on every int8 matmul on CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+ONCE = OncePerMessage()
+
+
 def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     """Load a checkpoint (full precision or quantized) for scoring."""
     from transformers import AutoModelForCausalLM
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(ONCE)  # thousands of identical lines otherwise
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None)
     return model.eval()

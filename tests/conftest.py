@@ -23,6 +23,16 @@ def pytest_configure(config: pytest.Config) -> None:
     state.configure_environment()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's temporary server while the output is still open (its atexit hook logs to a closed stream)."""
+    import sys
+
+    server_mod = sys.modules.get("prefect.server.api.server")
+    if server_mod is not None:
+        for server in list(server_mod.SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
 def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment for a quantmill subprocess with its own state folder (nothing inherited from this session)."""
     env = {**os.environ, "QUANTMILL_HOME": str(home), **extra}

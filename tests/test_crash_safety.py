@@ -92,12 +92,16 @@ def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
     name = "concurrent-test"
     profile = write_profile(tmp_path, demo_assets, name)
     home = tmp_path / "home"
-    procs = [cli(home, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    # Output goes to files: a run blocked on a full stderr pipe while holding a store lock would stall the other.
+    files = [open(tmp_path / f"run{i}.log", "w+") for i in range(2)]
+    procs = [cli(home, "run", str(profile), stdout=fh, stderr=subprocess.STDOUT) for fh in files]
     logs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=1200)
-        assert proc.returncode == 0, out[-3000:] + err[-5000:]
-        logs.append(err)
+    for proc, fh in zip(procs, files):
+        proc.wait(timeout=1200)
+        fh.seek(0)
+        logs.append(fh.read())
+        fh.close()
+        assert proc.returncode == 0, logs[-1][-5000:]
     # each variant was quantized by one of the two runs; the other waited on the store lock and reused it
     assert sum(log.count("quantizing with bitsandbytes") for log in logs) == 2, logs[0][-3000:]
     state = registry_state(home, name)

@@ -85,3 +85,53 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
     assert all(r["perplexity"] > 0 for r in rows.values())
     assert evaluated == {v for v, r in rows.items() if r["gate"] == "pass"} and len(evaluated) >= 3
     assert client.get_model_version_by_alias(name, "champion").tags["variant"] in evaluated
+
+
+@pytest.fixture()
+def broken_method():
+    """A registered method whose handler always raises (removed again after the test)."""
+    from tasks.quantize import registry
+
+    class BrokenConfig(registry.MethodConfig):
+        bits: int = 8
+
+    @registry.register_method("broken-for-test", BrokenConfig)
+    def broken(config, job):  # noqa: ANN001, ANN202
+        """Always fails (test only)."""
+        raise RuntimeError("kernel exploded")
+
+    yield
+    registry._METHODS.pop("broken-for-test")
+
+
+@pytest.mark.slow
+def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broken_method):
+    """Threads runner, in process: one recipe's handler raises; the other is registered and both are reported."""
+    from flows.sweep import sweep
+    from quantmill import tracking
+
+    name = "sweep-partial"
+    profile = parse_profile({
+        "name": name,
+        "model": {"path": str(demo_assets.model_dir)},
+        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "recipes": [{"method": "broken-for-test"}],
+        "sweep": {"grid": [{"methods": ["rtn"], "bits": [8], "group_sizes": [64]}],
+                  "runner": {"kind": "threads", "max_workers": 2}},
+        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 1024, "window": 256,
+                       "speed": {"enabled": False}},
+        "registry": {"model_name": name},
+        "storage": {"root": str(tmp_path / "store")},
+    })
+    state = sweep(profile, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=r"sweep: 1 of 2 variants failed: broken-for-test-w8 \(RuntimeError: kernel exploded"):
+        state.result()
+    client = tracking.client()
+    versions = client.search_model_versions(f"name='{name}'")
+    assert [mv.tags["variant"] for mv in versions] == ["rtn-w8g64"]
+    assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
+    run = client.get_run(versions[0].run_id)
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path))).read_text())
+    assert [r["variant"] for r in report["rows"][1:]] == ["rtn-w8g64"]
+    assert report["notes"] == ["failed: broken-for-test-w8: RuntimeError: kernel exploded"]
