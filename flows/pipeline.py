@@ -49,6 +49,8 @@ class Shared(BaseModel):
     calib: CalibRef
     data: EvalDataRef
     baseline: EvalRef
+    recipes: list[Recipe]  # those that fit this model and device
+    skipped: list[str]  # grid recipes that did not, one line each
 
 
 def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # noqa: ANN001
@@ -65,18 +67,22 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     }
 
 
-def prepare(profile: Profile, recipes: list[Recipe]) -> Shared:
+def prepare(profile: Profile) -> Shared:
     """Run the shared steps: tracking run, download, merge, preflight, calibration, eval data, baseline."""
     store = profile.storage.root
     device = pick_device() if profile.device == "auto" else profile.device
+    recipes, skipped = profile.all_recipes()
+    grid = [r.name for r in recipes[len(profile.recipes):]]
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
-    preflight(model, recipes, device, store)
+    misfits = preflight(model, recipes, device, store, optional=grid)
+    recipes = [r for r in recipes if not any(line.startswith(f"{r.name}: ") for line in misfits)]
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
     baseline = evaluate(model, data, device, store, spec=profile.evaluation)
-    return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline)
+    return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline,
+                  recipes=recipes, skipped=skipped + misfits)
 
 
 def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, PrefectFuture]]:
@@ -97,15 +103,13 @@ def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[di
     return [dict(zip(keys, chain)) for chain in zip(ckpts, results, verdicts, versions)]
 
 
-def finish(
-    profile: Profile, shared: Shared, variants: list[dict[str, Any]], skipped: list[str] = (), failed: list[str] = (),
-) -> RunSummary:
+def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], failed: list[str] = ()) -> RunSummary:
     """Move aliases once, log lineage and the comparison report (with skipped/failed recipes), summarise."""
     s = shared
     rows = [summary_row(v["ckpt"], v["result"], s.baseline, v["verdict"], v["version"]) for v in variants]
     aliases = promote(profile.registry)
     log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
-    notes = [f"skipped (sweep.grid): {line}" for line in skipped] + [f"failed: {line}" for line in failed]
+    notes = [f"skipped (sweep.grid): {line}" for line in s.skipped] + [f"failed: {line}" for line in failed]
     publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes)
     log_results(s.run_id, rows)
     return RunSummary(
@@ -122,11 +126,10 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
 @flow(name="quantize", log_prints=True)
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
-    recipes, skipped = profile.all_recipes()
-    shared = prepare(profile, recipes)
+    shared = prepare(profile)
     # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead).
-    done = [resolved(variants(profile, shared, [recipe])[0]) for recipe in recipes]
-    return finish(profile, shared, done, skipped)
+    done = [resolved(variants(profile, shared, [recipe])[0]) for recipe in shared.recipes]
+    return finish(profile, shared, done)
 
 
 @flow(name="quantize-profile-file", log_prints=True)

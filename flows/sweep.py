@@ -10,7 +10,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
-from quantmill.profile import Profile, Recipe, Sweep
+from quantmill.profile import Profile, Sweep
 
 
 def api_url() -> str:
@@ -41,10 +41,10 @@ def task_runner(spec: Sweep.Runner) -> TaskRunner:
 
 
 @flow(name="sweep-variants", log_prints=True)
-def fan_out(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, Any]]:
+def fan_out(profile: Profile, shared: Shared) -> list[dict[str, Any]]:
     """Submit every recipe's chain at once; return each variant's results, or its error."""
     out = []
-    for recipe, chain in zip(recipes, variants(profile, shared, recipes)):
+    for recipe, chain in zip(shared.recipes, variants(profile, shared, shared.recipes)):
         try:
             out.append(resolved(chain))
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
@@ -56,17 +56,16 @@ def fan_out(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dic
 @flow(name="sweep", log_prints=True)
 def sweep(profile: Profile) -> RunSummary:
     """Quantize one model with a grid of recipes: shared steps once, variants in parallel, one report."""
-    log = get_run_logger()
-    recipes, skipped = profile.all_recipes()
-    for line in skipped:
-        log.warning("sweep.grid: skipped %s", line)
     spec = profile.sweep.runner if profile.sweep else Sweep.Runner()
-    log.info("sweep of %d recipes on %s", len(recipes), spec.address or f"{spec.kind} x{spec.max_workers}")
     runner = task_runner(spec)
-    shared = prepare(profile, recipes)
-    results = fan_out.with_options(task_runner=runner)(profile, shared, recipes)
+    shared = prepare(profile)
+    log = get_run_logger()
+    for line in shared.skipped:
+        log.warning("sweep.grid: skipped %s", line)
+    log.info("sweep of %d recipes on %s", len(shared.recipes), spec.address or f"{spec.kind} x{spec.max_workers}")
+    results = fan_out.with_options(task_runner=runner)(profile, shared)
     failed = [r for r in results if "error" in r]
-    summary = finish(profile, shared, [r for r in results if "error" not in r], skipped=skipped,
+    summary = finish(profile, shared, [r for r in results if "error" not in r],
                      failed=[f"{r['name']}: {r['error']}" for r in failed])
     if failed:
         raise QuantmillError(f"sweep: {len(failed)} of {len(results)} variants failed: "

@@ -88,3 +88,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix.rstrip(".")] = str(data)[:6000]
     return out
+
+
+def tolerating_races(fn: Any, *args: Any, attempts: int = 4) -> Any:
+    """Run an MLflow write that a concurrent run may make too (e.g. the same dataset input): retry the
+    unique-constraint conflict, which the second attempt resolves by finding the other run's row."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5)
+    return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 from prefect import task
 
-from quantmill.errors import PreflightError
+from quantmill.errors import PreflightError, QuantmillError
 from quantmill.profile import Recipe
 from quantmill.refs import ModelRef
 from tasks.quantize.step import check_recipe
@@ -42,11 +42,26 @@ def memory_needed(model: ModelRef) -> int:
 
 
 @task(name="preflight")
-def preflight(model: ModelRef, recipes: list[Recipe], device: str, store_root: str) -> None:
-    """Fail before heavy work: recipes valid for this model/device, enough disk and memory."""
+def preflight(
+    model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None,
+) -> list[str]:
+    """Fail before heavy work: recipes valid for this model/device, enough disk and memory.
+
+    Recipes named in `optional` (those a sweep grid generated) are skipped when invalid for this model or
+    device instead of failing the run; returns one line per skipped recipe.
+    """
+    skipped, valid = [], []
     for i, recipe in enumerate(recipes):
-        check_recipe(recipe, i, model, device)
-    need, free = disk_needed(model, recipes), free_bytes(Path(store_root))
+        try:
+            check_recipe(recipe, i, model, device)
+            valid.append(recipe)
+        except QuantmillError as exc:
+            if recipe.name not in (optional or []):
+                raise
+            skipped.append(f"{recipe.name}: {str(exc).split(': ', 1)[-1]}")
+    if not valid:
+        raise PreflightError("sweep.grid: no recipe fits this model and device: " + "; ".join(skipped))
+    need, free = disk_needed(model, valid), free_bytes(Path(store_root))
     if need > free:
         raise PreflightError(
             f"storage.root: {store_root} has {free:,} bytes free but this run needs about {need:,}; "
@@ -58,3 +73,4 @@ def preflight(model: ModelRef, recipes: list[Recipe], device: str, store_root: s
             f"model: quantizing {model.source} on CPU needs about {ram:,} bytes of RAM, {avail:,} available; "
             "use a machine with more memory or a GPU"
         )
+    return skipped

@@ -29,6 +29,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     server_mod = sys.modules.get("prefect.server.api.server")
     if server_mod is not None:
+        from prefect._internal.concurrency.services import QueueService
+
+        QueueService.drain_all(timeout=10)  # logs and events still queued for the server
         for server in list(server_mod.SubprocessASGIServer._instances.values()):
             server.stop()
 

@@ -106,7 +106,8 @@ def broken_method():
 
 @pytest.mark.slow
 def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broken_method):
-    """Threads runner, in process: one recipe's handler raises; the other is registered and both are reported."""
+    """Threads runner, in process: a grid recipe that does not fit the model is skipped, one that raises is
+    reported; the rest are registered, and the report lists both."""
     from flows.sweep import sweep
     from quantmill import tracking
 
@@ -116,7 +117,7 @@ def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broke
         "model": {"path": str(demo_assets.model_dir)},
         "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
         "recipes": [{"method": "broken-for-test"}],
-        "sweep": {"grid": [{"methods": ["rtn"], "bits": [8], "group_sizes": [64]}],
+        "sweep": {"grid": [{"methods": ["rtn"], "bits": [8], "group_sizes": [64, 100]}],  # 100 divides no layer
                   "runner": {"kind": "threads", "max_workers": 2}},
         "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 1024, "window": 256,
                        "speed": {"enabled": False}},
@@ -134,4 +135,6 @@ def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broke
     run = client.get_run(versions[0].run_id)
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path))).read_text())
     assert [r["variant"] for r in report["rows"][1:]] == ["rtn-w8g64"]
-    assert report["notes"] == ["failed: broken-for-test-w8: RuntimeError: kernel exploded"]
+    skipped, failed = report["notes"]
+    assert skipped.startswith("skipped (sweep.grid): rtn-w8g100: group_size=100 does not divide in_features=")
+    assert failed == "failed: broken-for-test-w8: RuntimeError: kernel exploded"
