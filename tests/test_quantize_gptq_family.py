@@ -169,36 +169,47 @@ def test_packing_matches_gptqmodel_pack_block(bits):
     assert torch.equal(ql.qzeros, pack_int32(zeros.t(), bits, 1))
 
 
-# ------------------------------------- end to end on conftest's trained demo llama (`demo_assets`, cached) (slow)
-@pytest.fixture(scope="session")
-def data(demo_assets, tmp_path_factory):
-    """Calibration file (safetensors input_ids) and eval token ids."""
+# ------------------ end to end on conftest's trained demo Llama and Qwen2 (GQA, tied embeddings, q/k/v bias) (slow)
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def assets(request):
+    """Each trained demo architecture in turn (conftest's `demo_assets` / `qwen2_assets`, cached)."""
+    return request.getfixturevalue("demo_assets" if request.param == "llama" else "qwen2_assets")
+
+
+def token_data(assets, folder: Path) -> SimpleNamespace:  # noqa: ANN001 - DemoAssets
+    """Calibration file (safetensors input_ids [16, 128]) in `folder`, eval windows [n, 128] and a probe [1, 64]."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    tok = AutoTokenizer.from_pretrained(assets.model_dir)
     ids = lambda p: torch.tensor(tok(Path(p).read_text(), add_special_tokens=False)["input_ids"])  # noqa: E731
-    calib_ids = ids(demo_assets.calib_path)
+    calib_ids = ids(assets.calib_path)
     n = min(CALIB_SAMPLES, calib_ids.numel() // SEQ)
-    calib = tmp_path_factory.mktemp("calib") / "calib.safetensors"
+    calib = folder / "calib.safetensors"
     save_file({"input_ids": calib_ids[: n * SEQ].view(n, SEQ).contiguous()}, str(calib))
-    eval_ids = ids(demo_assets.eval_path)
+    eval_ids = ids(assets.eval_path)
     windows = eval_ids[: eval_ids.numel() // SEQ * SEQ].view(-1, SEQ)
     return SimpleNamespace(calib=calib, windows=windows, probe=eval_ids[:64][None])
 
 
 @pytest.fixture(scope="session")
-def runs(demo_assets, data, tmp_path_factory):
+def data(assets, tmp_path_factory):
+    """Calibration file and eval token ids of the architecture under test."""
+    return token_data(assets, tmp_path_factory.mktemp("calib"))
+
+
+@pytest.fixture(scope="session")
+def runs(assets, data, tmp_path_factory):
     """Run each handler once per setting: {key: (out_dir, result, seconds)}."""
     root, out = tmp_path_factory.mktemp("ckpt"), {}
     for key, (method, params) in SETTINGS.items():
         (config := build_config(method, params)).check_device("cpu")
-        job, t0 = QuantizeJob(demo_assets.model_dir, root / key, data.calib, "cpu", lambda m: None), time.time()
+        job, t0 = QuantizeJob(assets.model_dir, root / key, data.calib, "cpu", lambda m: None), time.time()
         out[key] = (root / key, get_method(method).handler(config, job), time.time() - t0)
     return out
 
 
-def _load_reference(model_dir: Path, ckpt: Path) -> torch.nn.Module:
+def load_reference(model_dir: Path, ckpt: Path) -> torch.nn.Module:
     """fp32 model whose weights are the checkpoint's tensors, dequantized by this test's own unpackers."""
     from safetensors.torch import load_file
     from tasks.quantize.common import load_fp_model
@@ -259,35 +270,48 @@ RELOAD = textwrap.dedent("""
         with torch.no_grad():
             gen = m.generate(**x, max_new_tokens=6, do_sample=False)
             torch.save(m(probe).logits, f"{args['tmp']}/logits{i}.pt")
-        out.append([gen.shape[1] - x["input_ids"].shape[1], type(m.model.layers[0].mlp.down_proj).__name__])
+        types = {n: type(mod).__name__ for n, mod in m.named_modules() if n.endswith("_proj")}
+        out.append([gen.shape[1] - x["input_ids"].shape[1], types])
     print("RESULT" + json.dumps(out))
 """)
 
 
-@pytest.mark.slow
-def test_checkpoints_reload_in_fresh_process(demo_assets, data, runs, tmp_path):
-    torch.save(data.probe, tmp_path / "probe.pt")
-    args = json.dumps({"dirs": [str(runs[k][0]) for k in RELOADED], "tmp": str(tmp_path)})
+def reload_in_fresh_process(dirs: list[Path], probe: torch.Tensor, tmp: Path) -> list[tuple[int, dict, torch.Tensor]]:
+    """Load each checkpoint with transformers in a new process: (tokens generated, {linear: class}, probe logits)."""
+    torch.save(probe, tmp / "probe.pt")
+    args = json.dumps({"dirs": [str(d) for d in dirs], "tmp": str(tmp)})
     proc = subprocess.run([sys.executable, "-c", RELOAD, args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.split("RESULT", 1)[1])
-    for i, key in enumerate(RELOADED):
-        assert info[i][0] == 6 and info[i][1] != "Linear", (key, info[i])  # generated; a quantized kernel ran
-        with torch.no_grad():
-            ref = _load_reference(demo_assets.model_dir, runs[key][0])(data.probe).logits
-        err = (torch.load(tmp_path / f"logits{i}.pt") - ref).abs().max().item()
-        print(f"\n{key}: {info[i][1]} max|logit - reference| = {err:.4f} (max|logit| {ref.abs().max():.2f})")
-        assert err < 0.02 * ref.abs().max().item(), f"{key}: kernel logits differ from the dequantized reference"
+    return [(n, types, torch.load(tmp / f"logits{i}.pt")) for i, (n, types) in enumerate(info)]
+
+
+def max_logit_error(model_dir: Path, ckpt: Path, probe: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(max |reloaded logits - this test's dequantized reference|, max |reference logit|)."""
+    with torch.no_grad():
+        ref = load_reference(model_dir, ckpt)(probe).logits
+    return (logits - ref).abs().max().item(), ref.abs().max().item()
 
 
 @pytest.mark.slow
-def test_rtn_checkpoint_equals_in_memory_model(demo_assets, runs):
+def test_checkpoints_reload_in_fresh_process(assets, data, runs, tmp_path):
+    reloaded = reload_in_fresh_process([runs[k][0] for k in RELOADED], data.probe, tmp_path)
+    for key, (generated, types, logits) in zip(RELOADED, reloaded):
+        kernel = types["model.layers.0.mlp.down_proj"]
+        assert generated == 6 and kernel != "Linear", (key, kernel)  # generated; a quantized kernel ran
+        err, top = max_logit_error(assets.model_dir, runs[key][0], data.probe, logits)
+        print(f"\n{key}: {kernel} max|logit - reference| = {err:.4f} (max|logit| {top:.2f})")
+        assert err < 0.02 * top, f"{key}: kernel logits differ from the dequantized reference"
+
+
+@pytest.mark.slow
+def test_rtn_checkpoint_equals_in_memory_model(assets, runs):
     from tasks.quantize.common import load_fp_model
 
     for key in ("rtn", "rtn3"):
-        model = load_fp_model(demo_assets.model_dir, "cpu", torch.float32)
+        model = load_fp_model(assets.model_dir, "cpu", torch.float32)
         rtn_quantize_model(model, build_config(*SETTINGS[key]))
-        ref = _load_reference(demo_assets.model_dir, runs[key][0])
+        ref = load_reference(assets.model_dir, runs[key][0])
         for name in runs[key][1].quantized_modules:
             assert torch.equal(ref.get_submodule(name).weight, model.get_submodule(name).weight), (key, name)
 
@@ -298,7 +322,8 @@ def test_checkpoint_layout_as_vllm_expects(runs):
 
     for key, pack in (("gptq", "gptq"), ("rtn", "gptq"), ("awq", "awq")):
         ckpt, result, _ = runs[key]
-        cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+        top = json.loads((ckpt / "config.json").read_text())
+        cfg, qwen2 = top["quantization_config"], top["model_type"] == "qwen2"
         t = load_file(str(ckpt / "model.safetensors"))
         name = "model.layers.1.mlp.down_proj"  # in=384, out=128, group 128 -> 3 groups
         qw, qz, sc = t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"]
@@ -313,24 +338,28 @@ def test_checkpoint_layout_as_vllm_expects(runs):
             assert (cfg["quant_method"], cfg["version"], cfg["zero_point"], cfg["bits"], cfg["group_size"]) == \
                 ("awq", "gemm", True, 4, 128)
             assert qw.shape == (384, 128 // 8) and qz.shape == (3, 128 // 8)
-        assert "lm_head.weight" in t and "model.embed_tokens.weight" in t
+        assert ("lm_head.weight" in t) != qwen2 and "model.embed_tokens.weight" in t  # Qwen2 ties lm_head: stored once
+        bias = t.get("model.layers.1.self_attn.k_proj.bias")  # Qwen2's q/k/v bias stays fp16 beside the packed weight
+        assert (bias.dtype, bias.shape) == (torch.float16, (64,)) if qwen2 else bias is None
         assert set(result.kept_modules) == {"lm_head", "model.embed_tokens"} and len(result.quantized_modules) == 28
         assert cfg["modules_to_not_convert"] == result.kept_modules
     for key in ("gptq", "awq"):  # per-module losses GPTQModel logs, keyed by full module name
-        errors = runs[key][1].layer_errors
-        assert set(errors) == set(runs[key][1].quantized_modules) and all(v >= 0 for v in errors.values()), key
+        errors, quantized = runs[key][1].layer_errors, set(runs[key][1].quantized_modules)
+        # GQA (Qwen2: v_proj out 64 != o_proj in 128): AWQ cannot scale v_proj->o_proj, so o_proj has no searched loss
+        unscored = {n for n in quantized if n.endswith("o_proj")} if qwen2 and key == "awq" else set()
+        assert set(errors) == quantized - unscored and all(v >= 0 for v in errors.values()), key
 
 
 @pytest.mark.slow
-def test_calibrated_methods_beat_rtn_beyond_noise(demo_assets, data, runs):
+def test_calibrated_methods_beat_rtn_beyond_noise(assets, data, runs):
     from tasks.quantize.common import load_fp_model
 
-    fp = load_fp_model(demo_assets.model_dir, "cpu", torch.float32)
+    fp = load_fp_model(assets.model_dir, "cpu", torch.float32)
     with torch.no_grad():
         ref = [fp(input_ids=c).logits.float().log_softmax(-1) for c in data.windows.split(16)]
-    models = {k: _load_reference(demo_assets.model_dir, runs[k][0]) for k in ("rtn", "gptq", "awq", "rtn2", "gptq2")}
+    models = {k: load_reference(assets.model_dir, runs[k][0]) for k in ("rtn", "gptq", "awq", "rtn2", "gptq2")}
     s = {k: score(m, data.windows, ref) for k, m in models.items()} | {"fp": score(fp, data.windows, ref)}
-    noise = {bits: [score(m, data.windows, ref) for m in noisy_copies(demo_assets.model_dir, models[key])]
+    noise = {bits: [score(m, data.windows, ref) for m in noisy_copies(assets.model_dir, models[key])]
              for bits, key in ((4, "rtn"), (2, "rtn2"))}
     spread = {(bits, i): max(x[i] for x in v) - min(x[i] for x in v) for bits, v in noise.items() for i in (0, 1)}
     print("\n" + "\n".join(f"{k:6s} ppl={p:.3f} kl={q:.5f}" for k, (p, q) in s.items()))
@@ -339,19 +368,21 @@ def test_calibrated_methods_beat_rtn_beyond_noise(demo_assets, data, runs):
     ppl, kl = {k: v[0] for k, v in s.items()}, {k: v[1] for k, v in s.items()}
     # 2-bit: GPTQ's perplexity gap to RTN is far above the spread of RTN-size random noise.
     assert ppl["fp"] < ppl["gptq2"] and ppl["rtn2"] - ppl["gptq2"] > spread[(2, 0)]
-    # 4-bit (AWQ's only width): perplexity gaps here are of the order of the noise spread (GPTQ's clears it),
+    # 4-bit (AWQ's only width): perplexity gaps here are of the order of the noise spread (GPTQ's clears it on
+    # Llama; on Qwen2 RTN's own perplexity is within noise of fp's, 71.25 vs 71.40, so there is no gap to close),
     # so both are also judged on the distortion KL(fp || quantized), whose noise spread is small.
-    assert ppl["fp"] < ppl["gptq"] < ppl["rtn"] and ppl["fp"] < ppl["awq"] < ppl["rtn"]
-    assert ppl["rtn"] - ppl["gptq"] > spread[(4, 0)]
+    if assets.root.name.startswith("llama"):
+        assert ppl["fp"] < ppl["gptq"] < ppl["rtn"] and ppl["fp"] < ppl["awq"] < ppl["rtn"]
+        assert ppl["rtn"] - ppl["gptq"] > spread[(4, 0)]
     for key in ("gptq", "awq"):
         assert kl["rtn"] - kl[key] > spread[(4, 1)] and kl[key] < min(q for _, q in noise[4]), key
 
 
 @pytest.mark.slow
-def test_autoawq_backend_when_installed(demo_assets, data, tmp_path):
+def test_autoawq_backend_when_installed(assets, data, tmp_path):
     pytest.importorskip("awq", reason="autoawq not installed (optional; pip install autoawq==0.2.9)")
     config = build_config("awq", {"group_size": 128, "backend": "autoawq"})
     config.check_device("cpu")
-    result = get_method("awq").handler(config, QuantizeJob(demo_assets.model_dir, tmp_path / "o", data.calib, "cpu"))
+    result = get_method("awq").handler(config, QuantizeJob(assets.model_dir, tmp_path / "o", data.calib, "cpu"))
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "awq" and cfg["version"] == "gemm" and len(result.quantized_modules) == 28

@@ -15,7 +15,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 for _m in _pkgutil.iter_modules(__path__):
-    if _m.name not in {"registry", "common", "step"}:
+    if _m.name not in {"registry", "common", "step", "mixed", "sensitivity"}:
         _importlib.import_module(f"{__name__}.{_m.name}")
 
 from tasks.quantize.step import quantize  # noqa: E402,F401

@@ -67,10 +67,15 @@ def model_info(model_dir: Path) -> ModelInfo:
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    targets = target_linears(model)
+    saved = model.state_dict().keys()  # persistent buffers; tied weights are saved once (named_parameters dedups)
+    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in saved}
     return ModelInfo(
         architecture=(config.architectures or [type(model).__name__])[0],
-        linear_in_features={n: m.in_features for n, m in target_linears(model).items()},
+        linear_in_features={n: m.in_features for n, m in targets.items()},
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        linear_out_features={n: m.out_features for n, m in targets.items()},
+        other_tensors={n: t.numel() for n, t in tensors.items() if n.removesuffix(".weight") not in targets},
     )
 
 
@@ -91,6 +96,7 @@ class FixedBitsConfig(MethodConfig):
     """Base of methods whose weight width is fixed: `bits` may be stated but must equal FIXED_BITS."""
 
     FIXED_BITS: ClassVar[int] = 8
+    SWEEP_AXES: ClassVar[tuple[str, ...]] = ()
     BITS_HINT: ClassVar[str] = ""
     bits: int = 8
     skip_modules: tuple[str, ...] = DEFAULT_KEEP

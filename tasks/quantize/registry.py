@@ -18,6 +18,7 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     TYPE: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    SWEEP_AXES: ClassVar[tuple[str, ...]] = ("bits", "group_size")  # fields a sweep grid may vary
 
     @property
     def weight_bits(self) -> int:
@@ -67,6 +68,8 @@ class ModelInfo:
     architecture: str
     linear_in_features: dict[str, int] = field(default_factory=dict)
     max_position_embeddings: int | None = None
+    linear_out_features: dict[str, int] = field(default_factory=dict)
+    other_tensors: dict[str, int] = field(default_factory=dict)  # saved tensors besides targeted weights: numel
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class QuantizeJob:
     calibration: Path | None
     device: str
     progress: Callable[[str], None] = print
+    sensitivity: dict[str, float] | None = None  # per-linear, for recipes with mixed_precision (the step measures it)
 
 
 @dataclass

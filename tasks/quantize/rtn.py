@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_serializer
 from torch import nn
 
-from tasks.quantize.common import copy_tokenizer, load_fp_model, target_linears
+from tasks.quantize.common import copy_tokenizer, load_fp_model, model_info, target_linears
+from tasks.quantize.mixed import MixedPlan, MixedPrecision, budget_bytes, plan_mixed
 from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
 
 _MIN_SCALE = 1e-6  # representable in fp16 (subnormal); guards all-zero groups
@@ -48,17 +49,44 @@ class GPTQFamilyConfig(GroupedConfig):
 
     bits: Literal[2, 3, 4, 8] = 4
     sym: bool = True
+    mixed_precision: MixedPrecision | None = None  # keep the most sensitive linears in fp16 within a size budget
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_mixed(self, handler):  # noqa: ANN001, ANN202
+        """Leave `mixed_precision` out when unset, so existing recipes keep their lineage and cache keys."""
+        data = handler(self)
+        if self.mixed_precision is None:
+            data.pop("mixed_precision", None)
+        return data
+
+    def variant_name(self) -> str:
+        """Default name, with '-mixed' when some linears may stay in fp16."""
+        return super().variant_name() + ("-mixed" if self.mixed_precision else "")
 
     def check_device(self, device: str) -> None:
         """4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
         check_cpu_int4_group(self.bits, self.group_size, device)
 
     def check_model(self, info: ModelInfo) -> None:
-        """Group size must divide in_features; in_features must be a multiple of 32 (whole packed int32 words)."""
+        """Group size must divide in_features; in_features must be a multiple of 32; a mixed budget must be feasible."""
         super().check_model(info)
         for name, in_features in info.linear_in_features.items():
             if in_features % 32:
                 raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
+        if self.mixed_precision and info.linear_out_features:
+            budget_bytes(self.mixed_precision, info, self.bits, self.group_size)
+
+    def mixed_plan(self, job: QuantizeJob) -> MixedPlan | None:
+        """The fp16-kept linears for this job (None without mixed_precision); needs the job's sensitivity."""
+        if self.mixed_precision is None:
+            return None
+        if job.sensitivity is None:
+            raise ValueError("mixed_precision needs per-linear sensitivity (job.sensitivity); the quantize step "
+                             "measures it from the calibration data")
+        plan = plan_mixed(self.mixed_precision, model_info(job.model_dir), self.bits, self.group_size, job.sensitivity)
+        job.progress(f"mixed precision: keeping {len(plan.kept)} linears in fp16 ({plan.estimated_bytes:,} of "
+                     f"{plan.budget_bytes:,} budget bytes): {', '.join(plan.kept) or 'none'}")
+        return plan
 
 
 class RTNConfig(GPTQFamilyConfig):
@@ -212,10 +240,14 @@ def gptq_quantization_config(config: GPTQFamilyConfig, kept: list[str]) -> dict:
 
 
 @torch.no_grad()
-def rtn_quantize_model(model: nn.Module, config: RTNConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Quantize every targeted linear in place (weights replaced by their dequantized values); return packed tensors."""
+def rtn_quantize_model(
+    model: nn.Module, config: RTNConfig, skip: tuple[str, ...] = ()
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Quantize the targeted linears (but `skip`) in place (weights -> dequantized values); return packed tensors."""
     packed = {}
     for name, lin in target_linears(model).items():
+        if name in skip:
+            continue
         codes, scales, zeros = quantize_weight(lin.weight, config.bits, config.group_size, config.sym)
         tensors = gptq_tensors(codes, scales, zeros, config.bits, lin.bias)
         packed[name] = {k: v.cpu() for k, v in tensors.items()}
@@ -251,12 +283,16 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
 @register_method("rtn", RTNConfig, calibrated=False)
 def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:
     """Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint."""
+    plan = config.mixed_plan(job)
+    skip = tuple(plan.kept) if plan else ()
     model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; math is fp32 per layer
-    targets = target_linears(model)
+    targets = {n: m for n, m in target_linears(model).items() if n not in skip}
     kept = kept_module_names(model, targets)
     job.progress(f"rtn: quantizing {len(targets)} linears to {config.bits} bits on {job.device}")
-    packed = rtn_quantize_model(model, config)
-    save_gptq_checkpoint(model, packed, gptq_quantization_config(config, kept), job.out_dir)
+    packed = rtn_quantize_model(model, config, skip)
+    qcfg = gptq_quantization_config(config, kept) | (plan.quantization_config(list(targets)) if plan else {})
+    save_gptq_checkpoint(model, packed, qcfg, job.out_dir)
     copy_tokenizer(job.model_dir, job.out_dir)
     quantized = require_all_quantized(list(targets), job.out_dir)
-    return QuantizeResult(quantized_modules=quantized, kept_modules=kept)
+    extra = {"mixed_precision": plan.record(job.out_dir)} if plan else {}
+    return QuantizeResult(quantized_modules=quantized, kept_modules=kept, extra=extra)

@@ -10,12 +10,14 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from quantmill.caching import StepCache
+from quantmill.concurrency import holding_gpu
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Recipe
 from quantmill.refs import CalibRef, CheckpointRef, ModelRef
 from quantmill.store import ArtifactStore
 from tasks.quantize.common import model_info
 from tasks.quantize.registry import QuantizeJob, get_method
+from tasks.quantize.sensitivity import measured, sensitivity_params
 
 CODE_VERSION = "1"
 SIDECAR = "quantmill.json"
@@ -31,14 +33,28 @@ def check_recipe(recipe: Recipe, index: int, model: ModelRef, device: str) -> No
         raise QuantmillError(f"recipes.{index} ({recipe.name}): {exc}") from None
 
 
-def run_method(recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log) -> dict:  # noqa: ANN001
-    """Call the method's handler and write the lineage sidecar next to the weights."""
+def uses_calibration(recipe: Recipe) -> bool:
+    """Calibrated methods, and mixed-precision recipes (their per-layer sensitivity is measured on it)."""
+    return get_method(recipe.method).calibrated or getattr(recipe.config(), "mixed_precision", None) is not None
+
+
+def run_method(  # noqa: PLR0913
+    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001
+    store_root: str,
+) -> dict:
+    """Call the method's handler (after any sensitivity a mixed-precision recipe needs); write the lineage sidecar."""
     method = get_method(recipe.method)
     config = recipe.config()
-    if method.calibrated and calib is None:
-        raise QuantmillError(f"recipes: method {recipe.method!r} needs calibration data")
+    if uses_calibration(recipe) and calib is None:
+        raise QuantmillError(f"recipes: {recipe.name!r} needs calibration data (method {recipe.method!r})")
     job = QuantizeJob(Path(model.path), out, Path(calib.path) if calib else None, device, log)
+    found = None
+    if getattr(config, "mixed_precision", None) is not None:  # measured once per model + calibration, then reused
+        found = measured(model, calib, sensitivity_params(config), device, store_root, log)
+        job = dataclasses.replace(job, sensitivity=found.values)
     result = method.handler(config, job)
+    if found is not None:  # lineage: the stored measurement that chose the kept layers
+        result.extra["mixed_precision"].update(sensitivity_key=found.store_key, sensitivity_digest=found.digest)
     sidecar = {
         "method": recipe.method, "name": recipe.name, "config": config.to_dict(),
         "base_sha256": model.sha256, "base_source": model.source, "base_revision": model.revision,
@@ -49,8 +65,8 @@ def run_method(recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: 
 
 
 def _key_inputs(inputs: dict) -> dict:
-    """Calibration only keys methods that use it."""
-    if not get_method(inputs["recipe"].method).calibrated:
+    """Calibration only keys recipes that use it."""
+    if not uses_calibration(inputs["recipe"]):
         inputs["calib"] = None
     return inputs
 
@@ -69,9 +85,9 @@ def quantize(model: ModelRef, recipe: Recipe, calib: CalibRef | None, device: st
     """Quantize the model with one recipe; return a reference to the checkpoint folder."""
     log = get_run_logger()
     key = CACHE.key_for({"model": model, "recipe": recipe, "calib": calib, "device": device})
-    calib = calib if get_method(recipe.method).calibrated else None
+    calib = calib if uses_calibration(recipe) else None
     art = ArtifactStore(store_root).get_or_build(
-        key, lambda out: run_method(recipe, model, calib, device, out, log.info)
+        key, holding_gpu(device, lambda out: run_method(recipe, model, calib, device, out, log.info, store_root))
     )
     r = art.record
     return CheckpointRef(

@@ -1,0 +1,107 @@
+"""Per-layer sensitivity: how much the model's output moves when one linear alone is round-to-nearest quantized.
+
+Measured once per model content + calibration + (bits, group_size, sym, samples) + device and kept in the artifact
+store, so every mixed-precision recipe with those settings (rtn or gptq, any budget) reuses it. The measure is the
+mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
+with the reference kept as top-k log-probs (tasks.evaluate.topk_kl; exact when k >= vocabulary). RTN stands in for
+GPTQ here: GPTQ's own per-layer error would need one GPTQ pass per layer. Cost: one forward pass over the windows per
+targeted linear, with one model copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from prefect import task
+
+from quantmill.caching import StepCache
+from quantmill.errors import retry_on_transient
+from quantmill.refs import CalibRef, ModelRef
+from quantmill.store import ArtifactStore
+from tasks.quantize.common import load_fp_model, target_linears
+from tasks.quantize.rtn import dequantize_weight, quantize_weight
+
+CODE_VERSION = "1"
+FILE = "sensitivity.json"
+TOPK = 256  # reference log-probs kept per token
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Measured sensitivities and where they are stored (`cached`: found in the store, not measured now)."""
+
+    values: dict[str, float]
+    store_key: str
+    digest: str
+    cached: bool
+
+
+def sensitivity_params(config: Any) -> dict[str, Any]:
+    """What the measurement depends on besides model, calibration and device (shared by rtn and gptq recipes)."""
+    return {"bits": config.bits, "group_size": config.group_size, "sym": config.sym,
+            "samples": config.mixed_precision.samples}
+
+
+@torch.no_grad()
+def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any], device: str,
+                        progress: Callable[[str], None] = print) -> dict[str, float]:
+    """{linear: mean per-token KL(fp || only that linear RTN-quantized)} on the first `samples` windows."""
+    from safetensors.torch import load_file
+
+    from tasks.evaluate import LOGITS_BUDGET, topk_kl
+
+    windows = load_file(str(calib_path))["input_ids"][: params["samples"]].to(device)
+    model = load_fp_model(model_dir, device)
+    batches = windows.split(max(1, LOGITS_BUDGET // (windows.shape[1] * model.config.vocab_size)))
+
+    def logprobs(batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch).logits.float().log_softmax(-1).flatten(0, 1)
+
+    refs = [logprobs(b).topk(min(TOPK, model.config.vocab_size), dim=-1) for b in batches]
+    targets = target_linears(model)
+    progress(f"sensitivity: {len(targets)} linears x {windows.shape[0]} windows of {windows.shape[1]} tokens")
+    out = {}
+    for name, lin in targets.items():
+        original = lin.weight.detach().clone()
+        codes, scales, zeros = quantize_weight(original, params["bits"], params["group_size"], params["sym"])
+        lin.weight.copy_(dequantize_weight(codes, scales, zeros).to(original.dtype))
+        kl = sum(float(topk_kl(ref.values, ref.indices, logprobs(b)).sum()) for b, ref in zip(batches, refs))
+        out[name] = kl / windows.numel()
+        lin.weight.copy_(original)
+    return out
+
+
+SENSITIVITY_CACHE = StepCache(step="sensitivity", code_version=CODE_VERSION)
+
+
+def measured(model: ModelRef, calib: CalibRef, params: dict[str, Any], device: str, store_root: str,
+             progress: Callable[[str], None] = print) -> Sensitivity:
+    """The stored sensitivities for these inputs, measuring them first when the store has none."""
+    key = SENSITIVITY_CACHE.key_for({"model": model, "calib": calib, "params": params, "device": device})
+
+    def build(out: Path) -> dict:
+        start = time.perf_counter()
+        values = measure_sensitivity(Path(model.path), Path(calib.path), params, device, progress)
+        (out / FILE).write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
+        progress(f"sensitivity: measured {len(values)} linears in {time.perf_counter() - start:.1f}s ({key})")
+        return {"params": params, "linears": len(values)}
+
+    art = ArtifactStore(store_root).get_or_build(key, build)
+    if art.cached:
+        progress(f"sensitivity: reusing {key}")
+    return Sensitivity(json.loads((art.path / FILE).read_text()), key, art.digest, art.cached)
+
+
+@task(name="sensitivity", retries=1, retry_condition_fn=retry_on_transient, cache_policy=SENSITIVITY_CACHE,
+      persist_result=True)
+def sensitivity(model: ModelRef, calib: CalibRef, params: dict[str, Any], device: str,
+                store_root: str) -> Sensitivity:
+    """Per-linear sensitivity as a step of its own (the quantize step calls `measured` itself, sharing the artifact)."""
+    from prefect.logging import get_run_logger
+
+    return measured(model, calib, params, device, store_root, get_run_logger().info)
