@@ -118,6 +118,9 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     from transformers import AutoModelForCausalLM
 
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(ONCE)  # thousands of identical lines otherwise
+    # gptqmodel's CPU kernel torch.compiles its dequantizer; a compile that fails (seen intermittently in Dask
+    # workers: "Global grad_mode state changed while dynamo tracing") must fall back to eager, not fail the step.
+    torch._dynamo.config.suppress_errors = True
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None)
     return model.eval()

@@ -135,7 +135,8 @@ def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[
     client.set_tag(run_id, "quantmill.commit", git_commit())
     child_run(client, run_id, exp, "download", {"source": base.source, "revision": base.revision},
               {"sha256": base.sha256, **{f"model.{k}": v for k, v in base.summary.items()}}, {})
-    child_run(client, run_id, exp, "merge", {"adapter": bool(model.merged)},
+    merge_facts = {k: model.summary.get(k) for k in ("merge", "adapter_training") if model.summary.get(k)}
+    child_run(client, run_id, exp, "merge", {"adapter": bool(model.merged), **tracking.flatten(merge_facts)},
               {"merged_sha256": model.sha256, "adapter_sha256": model.adapter_sha256 or ""}, {})
     cal = child_run(client, run_id, exp, "calibrate",
                     {"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed, "source": calib.source},

@@ -68,6 +68,7 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
     profile = {
         "name": "server-e2e",
         "model": {"path": str(demo_assets.model_dir)},
+        "adapter": {"path": str(demo_assets.adapter_dir)},
         "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
         "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
         "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256},
@@ -102,4 +103,7 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
     assert parent.data.tags["quantmill.base_sha256"] and parent.data.params["profile.registry.model_name"] == name
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = {r.data.tags["mlflow.runName"] for r in children}
+    merge_run = next(r for r in children if r.data.tags["mlflow.runName"] == "merge")
+    assert merge_run.data.params["adapter_training.method"] == "lora"  # how the adapter was trained, detected
+    assert merge_run.data.params["merge.qlora_merge"] == "full_precision" and merge_run.data.params["merge.lora_modules"]
     assert {"download", "merge", "calibrate", "evaluate/baseline", "quantize/bnb-nf4", "evaluate/bnb-nf4"} <= names
