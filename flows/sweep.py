@@ -32,9 +32,13 @@ def task_runner(spec: Sweep.Runner) -> TaskRunner:
             raise QuantmillError("sweep.runner.address: workers of a remote Dask cluster report to a Prefect server; "
                                  "start one and set PREFECT_API_URL (README: Run as a service)")
         return DaskTaskRunner(address=spec.address)
-    # Local workers report task runs to this flow's API (else each would start a temporary server of its own).
+    # Local workers report task runs to this flow's API (else each would start a temporary server of its own),
+    # and split the cores between them (torch in each would otherwise start a thread per core).
+    threads = str(max(1, (os.cpu_count() or 1) // (spec.max_workers * spec.threads_per_worker)))
+    env = {"PREFECT_API_URL": api_url(), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "GPTQMODEL_CPU_WORKERS": threads}
     cluster: dict[str, Any] = {"n_workers": spec.max_workers, "threads_per_worker": spec.threads_per_worker,
-                               "processes": True, "dashboard_address": ":0", "env": {"PREFECT_API_URL": api_url()}}
+                               "processes": True, "dashboard_address": ":0", "env": env}
     if spec.memory_limit:
         cluster["memory_limit"] = spec.memory_limit
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)

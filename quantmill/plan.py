@@ -335,10 +335,10 @@ def merge_row(w: Weights, adapter: Any, spec: Any, m: Machine) -> StepPlan:
 
 def quantize_row(w: Weights, recipe: Any, cal: Any, device: str, m: Machine) -> StepPlan:
     """One recipe's quantize step: memory on `device`, checkpoint size, and what to change if it does not fit."""
-    from tasks.quantize import get_method
+    from tasks.quantize.step import uses_calibration
 
     c = recipe.config()
-    calib = (cal.num_samples, cal.seq_len) if get_method(recipe.method).calibrated else None
+    calib = (cal.num_samples, cal.seq_len) if uses_calibration(recipe) else None
     ram, vram, ckpt = quantize_memory(w, recipe.method, c.weight_bits, c.weight_group_size, device, calib)
     act = activation_bytes(w, *calib) if calib else 0
     cpu_ram = quantize_memory(w, recipe.method, c.weight_bits, c.weight_group_size, "cpu", calib)[0]
