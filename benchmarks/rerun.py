@@ -19,11 +19,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed_demo(home: Path, demo_root: Path) -> float:
-    """Wall seconds of one `quantmill demo` in a fresh process."""
-    env = {**os.environ, "QUANTMILL_HOME": str(home), "QUANTMILL_DEMO_ROOT": str(demo_root)}
+def timed_cli(home: Path, *args: str, **env: str) -> float:
+    """Wall seconds of one `quantmill ARGS` in a fresh process with state folder `home` (exits on failure)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    clean.update(QUANTMILL_HOME=str(home), **env)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "demo"], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=clean, capture_output=True,
+                          text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
@@ -41,8 +43,8 @@ def main() -> None:
     demo_root = REPO / ".quantmill" / "demo"
     build_demo_assets(demo_root, arch="llama", with_adapter=True)
     home = args.home or Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
-    cold = timed_demo(home, demo_root)
-    warm = timed_demo(home, demo_root)
+    cold = timed_cli(home, "demo", QUANTMILL_DEMO_ROOT=str(demo_root))
+    warm = timed_cli(home, "demo", QUANTMILL_DEMO_ROOT=str(demo_root))
     print(f"cold run:   {cold:8.1f} s")
     print(f"cached run: {warm:8.1f} s")
     print(f"ratio:      {warm / cold:8.3f}  (goal < 0.05)")

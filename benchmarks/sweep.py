@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -39,18 +37,12 @@ def sweep_profile(assets, runner: str, workers: int) -> dict:  # noqa: ANN001 - 
 
 def timed_sweep(assets, runner: str, workers: int) -> float:  # noqa: ANN001
     """Wall seconds of one `quantmill sweep` in a fresh process and state folder."""
+    from benchmarks.rerun import timed_cli
+
     home = Path(tempfile.mkdtemp(prefix=f"quantmill-sweep{workers}-"))
     path = home / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep_profile(assets, runner, workers)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    env["QUANTMILL_HOME"] = str(home)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(proc.stderr[-3000:])
-    return elapsed
+    return timed_cli(home, "sweep", str(path))
 
 
 def main() -> None:
