@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -213,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `quantmill` console script."""
     args = build_parser().parse_args(argv)
     state.configure_environment()
+    # SIGTERM (pre-emption, `kill`): exit through Python so Prefect marks the run and stops its temporary
+    # server (the default handler would leave that server process behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.fn(args)
     except QuantmillError as exc:

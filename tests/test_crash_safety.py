@@ -26,7 +26,8 @@ def write_profile(tmp_path: Path, assets, name: str) -> Path:
         "adapter": {"path": str(assets.adapter_dir)},
         "calibration": {"source": {"path": str(assets.calib_path)}, "num_samples": 8, "seq_len": 128},
         "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
-        "evaluation": {"source": {"path": str(assets.eval_path)}, "max_tokens": 2048, "window": 256},
+        "evaluation": {"source": {"path": str(assets.eval_path)}, "max_tokens": 2048, "window": 256,
+                       "speed": None},  # generation speed is measured elsewhere; it costs ~20 s a run
         "registry": {"model_name": name},
     }
     path = tmp_path / f"{name}.yaml"
@@ -107,3 +108,25 @@ def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
     state = registry_state(home, name)
     assert {v for v, _, _ in state} == {"bnb-int8", "bnb-nf4"} and len(state) == 2
     assert leftovers(home) == []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
+    """Pre-emption sends SIGTERM: the run exits non-zero, leaves no process (Prefect's temporary server) behind."""
+    import psutil
+
+    profile = write_profile(tmp_path, demo_assets, "sigterm-test")
+    log = tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = cli(tmp_path / "home", "run", str(profile), stdout=fh, stderr=subprocess.STDOUT)
+        deadline = time.time() + 900
+        while time.time() < deadline and "Task run 'calibrate" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline() for c in alive]
+    assert leftovers(tmp_path / "home") == []

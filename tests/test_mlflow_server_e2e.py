@@ -71,7 +71,8 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
         "adapter": {"path": str(demo_assets.adapter_dir)},
         "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
         "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
-        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256},
+        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256,
+                       "speed": None},
         "registry": {"model_name": name},
         "storage": {"root": str(tmp_path / "store")},
     }
@@ -93,7 +94,7 @@ def test_consumer_loads_champion_from_real_server(tmp_path, demo_assets, mlflow_
 
     import mlflow
 
-    client = mlflow.MlflowClient(mlflow_server)
+    client = mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server)  # this process may have set another
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.tags["method"] == "bnb-nf4"  # smallest size within the gates
     assert champion.tags["gate"] == "passed" and len(champion.tags["quantmill.checkpoint_sha256"]) == 64
