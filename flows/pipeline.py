@@ -77,12 +77,12 @@ def prepare(profile: Profile) -> Shared:
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
     misfits = preflight(model, recipes, device, store, optional=grid)
-    recipes = [r for r in recipes if not any(line.startswith(f"{r.name}: ") for line in misfits)]
+    recipes = [r for r in recipes if r.name not in misfits]
     calib = calibrate(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
     baseline = evaluate(model, data, device, store, spec=profile.evaluation)
     return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline,
-                  recipes=recipes, skipped=skipped + misfits)
+                  recipes=recipes, skipped=skipped + [f"{name}: {why}" for name, why in misfits.items()])
 
 
 def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, PrefectFuture]]:

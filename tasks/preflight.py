@@ -44,13 +44,14 @@ def memory_needed(model: ModelRef) -> int:
 @task(name="preflight")
 def preflight(
     model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None,
-) -> list[str]:
+) -> dict[str, str]:
     """Fail before heavy work: recipes valid for this model/device, enough disk and memory.
 
     Recipes named in `optional` (those a sweep grid generated) are skipped when invalid for this model or
-    device instead of failing the run; returns one line per skipped recipe.
+    device instead of failing the run; returns {skipped recipe: reason}.
     """
-    skipped, valid = [], []
+    skipped: dict[str, str] = {}
+    valid = []
     for i, recipe in enumerate(recipes):
         try:
             check_recipe(recipe, i, model, device)
@@ -58,9 +59,10 @@ def preflight(
         except QuantmillError as exc:
             if recipe.name not in (optional or []):
                 raise
-            skipped.append(f"{recipe.name}: {str(exc).split(': ', 1)[-1]}")
+            skipped[recipe.name] = str(exc).split(": ", 1)[-1]
     if not valid:
-        raise PreflightError("sweep.grid: no recipe fits this model and device: " + "; ".join(skipped))
+        raise PreflightError("sweep.grid: no recipe fits this model and device: "
+                             + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
     need, free = disk_needed(model, valid), free_bytes(Path(store_root))
     if need > free:
         raise PreflightError(

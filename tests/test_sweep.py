@@ -138,3 +138,20 @@ def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broke
     skipped, failed = report["notes"]
     assert skipped.startswith("skipped (sweep.grid): rtn-w8g100: group_size=100 does not divide in_features=")
     assert failed == "failed: broken-for-test-w8: RuntimeError: kernel exploded"
+
+
+def test_runner_choice(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.sweep import task_runner
+    from quantmill.profile import Sweep
+
+    threads = task_runner(Sweep.Runner(max_workers=3))
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ValueError, match=r"sweep.runner.address: .*set PREFECT_API_URL"):
+        task_runner(Sweep.Runner(kind="dask", address="tcp://127.0.0.1:8786"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    remote = task_runner(Sweep.Runner(kind="dask", address="tcp://127.0.0.1:8786"))
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"  # not contacted here
