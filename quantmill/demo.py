@@ -359,6 +359,21 @@ def _add_adapter(spec: DemoSpec, final: Path, quiet: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Undo root-logger handlers/level that training libraries install (else every log line prints twice)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def build_demo_assets(
     root: Path, arch: str = "llama", with_adapter: bool = True, spec: DemoSpec | None = None, quiet: bool = False
 ) -> DemoAssets:
@@ -368,9 +383,10 @@ def build_demo_assets(
     final = Path(root).resolve() / f"{arch}-{spec_hash(spec)}"
     if final.exists() and not (final / "DONE").exists():
         raise ValueError(f"incomplete demo build at {final} (no DONE marker); delete it and retry")
-    if not final.exists():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _build_base(arch, spec, final, with_adapter, quiet)
-    if with_adapter and not (final / "adapter").exists():
-        _add_adapter(spec, final, quiet)
+    with _root_logging_kept():
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _build_base(arch, spec, final, with_adapter, quiet)
+        if with_adapter and not (final / "adapter").exists():
+            _add_adapter(spec, final, quiet)
     return _assets(final, with_adapter)
