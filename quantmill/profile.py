@@ -288,6 +288,10 @@ class Sweep(Strict):
                     except ValidationError as exc:
                         skipped.append(f"{method} {params}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
                         continue
+                    if recipe.name in recipes and recipes[recipe.name].params != recipe.params:
+                        skipped.append(f"{method} {params}: same name as an earlier grid recipe ({recipe.name}); "
+                                       "list it under recipes with its own name")
+                        continue
                     recipes.setdefault(recipe.name, recipe)
         return list(recipes.values()), skipped
 

@@ -99,7 +99,8 @@ def tolerating_races(fn: Any, *args: Any, attempts: int = 4) -> Any:
         try:
             return fn(*args)
         except MlflowException as exc:
-            if "UNIQUE constraint" not in str(exc) and "already exists" not in str(exc) or attempt == attempts - 1:
+            conflict = "UNIQUE constraint" in str(exc) or "already exists" in str(exc)
+            if not conflict or attempt == attempts - 1:
                 raise
             time.sleep(0.2 + random.random() * 0.5)
-    return None
+    raise AssertionError("unreachable")

@@ -32,6 +32,16 @@ def test_grid_expands_per_method_axes_and_reports_what_it_skips():
     assert recipes[3].params["bits"] == 8 and recipes[3].params["group_size"] == 64
 
 
+def test_grid_recipes_that_would_share_a_name_are_reported_not_dropped():
+    profile = parse_profile({**BASE, "sweep": {"grid": [
+        {"methods": ["rtn"], "bits": [4], "group_sizes": [64], "params": {"sym": True}},
+        {"methods": ["rtn"], "bits": [4], "group_sizes": [64], "params": {"sym": False}},
+    ]}})
+    recipes, skipped = profile.all_recipes()
+    assert [r.name for r in recipes] == ["rtn-w4g64"] and recipes[0].params["sym"] is True
+    assert len(skipped) == 1 and "same name as an earlier grid recipe (rtn-w4g64)" in skipped[0]
+
+
 def test_grid_without_a_valid_combination_is_a_clear_error():
     with pytest.raises(ProfileError, match=r"sweep.*no combination is valid: awq .*bits"):
         parse_profile({**BASE, "sweep": {"grid": [{"methods": ["awq"], "bits": [8]}]}})
