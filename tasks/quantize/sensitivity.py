@@ -1,6 +1,6 @@
 """Per-layer sensitivity: how much the model's output moves when one linear alone is round-to-nearest quantized.
 
-Measured once per model content + calibration + (bits, group_size, sym, samples) + device and kept in the artifact
+Measured once (inside the quantize step) per model content + calibration + (bits, group_size, sym, samples) + device and kept in the artifact
 store, so every mixed-precision recipe with those settings (rtn or gptq, any budget) reuses it. The measure is the
 mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
 with the reference kept as top-k log-probs (tasks.evaluate.topk_kl; exact when k >= vocabulary). RTN stands in for
@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from prefect import task
 
 from quantmill.caching import StepCache
-from quantmill.errors import retry_on_transient
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
 from tasks.quantize.common import load_fp_model, target_linears
@@ -95,13 +93,3 @@ def measured(model: ModelRef, calib: CalibRef, params: dict[str, Any], device: s
     if art.cached:
         progress(f"sensitivity: reusing {key}")
     return Sensitivity(json.loads((art.path / FILE).read_text()), key, art.digest, art.cached)
-
-
-@task(name="sensitivity", retries=1, retry_condition_fn=retry_on_transient, cache_policy=SENSITIVITY_CACHE,
-      persist_result=True)
-def sensitivity(model: ModelRef, calib: CalibRef, params: dict[str, Any], device: str,
-                store_root: str) -> Sensitivity:
-    """Per-linear sensitivity as a step of its own (the quantize step calls `measured` itself, sharing the artifact)."""
-    from prefect.logging import get_run_logger
-
-    return measured(model, calib, params, device, store_root, get_run_logger().info)
