@@ -1,8 +1,8 @@
 """Per-layer sensitivity: how much the model's output moves when one linear alone is round-to-nearest quantized.
 
 Measured once, inside the quantize step, per model content + calibration + (bits, group_size, sym, samples) +
-device and kept in the artifact store, so every mixed-precision recipe with those settings (rtn or gptq, any budget) reuses it. The measure is the
-mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
+device and kept in the artifact store, so every mixed-precision recipe with those settings (rtn or gptq, any
+budget) reuses it. The measure is the mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
 with the reference kept as top-k log-probs (tasks.evaluate.topk_kl; exact when k >= vocabulary). RTN stands in for
 GPTQ here: GPTQ's own per-layer error would need one GPTQ pass per layer. Cost: one forward pass over the windows per
 targeted linear, with one model copy in memory.
