@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
+from quantmill.memory import give_back, give_back_hook
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
 from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
+from tasks.evaluate import evaluate as evaluate_task
 from tasks.merge import merge
 from tasks.preflight import preflight
-from tasks.quantize import quantize
+from tasks.quantize import quantize as quantize_task
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
@@ -35,6 +37,7 @@ class RunSummary(BaseModel):
     rows: list[dict[str, Any]]
     aliases: dict[str, str]
     notes: list[str] = []
+    rss_bytes: dict[str, int] = {}  # process RSS before the variants and after each one (memory given back)
 
 
 class Shared(BaseModel):
@@ -92,6 +95,9 @@ def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[di
     waits on its upstream; a Dask runner hands the dependencies to its scheduler either way.
     """
     s, store = shared, profile.storage.root
+    # Each heavy step gives its memory back when it ends (threads of a sweep included): gc + malloc_trim.
+    quantize, evaluate = (t.with_options(on_completion=[give_back_hook], on_failure=[give_back_hook])
+                          for t in (quantize_task, evaluate_task))
     ckpts = [quantize.submit(s.model, recipe, s.calib, s.device, store) for recipe in recipes]
     results = [evaluate.submit(c, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation) for c in ckpts]
     verdicts = [gate.submit(c, r, s.baseline, profile.evaluation) for c, r in zip(ckpts, results)]
@@ -103,7 +109,8 @@ def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[di
     return [dict(zip(keys, chain)) for chain in zip(ckpts, results, verdicts, versions)]
 
 
-def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], failed: list[str] = ()) -> RunSummary:
+def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], failed: list[str] = (),
+           rss_bytes: dict[str, int] | None = None) -> RunSummary:
     """Move aliases once, log lineage and the comparison report (with skipped/failed recipes), summarise."""
     s = shared
     rows = [summary_row(v["ckpt"], v["result"], s.baseline, v["verdict"], v["version"]) for v in variants]
@@ -114,7 +121,7 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes,
+        aliases=aliases, notes=notes, rss_bytes=rss_bytes or {},
     )
 
 
@@ -127,9 +134,15 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
     shared = prepare(profile)
-    # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead).
-    done = [resolved(variants(profile, shared, [recipe])[0]) for recipe in shared.recipes]
-    return finish(profile, shared, done)
+    # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead); after
+    # each, the process is back to its pre-variant footprint (quantmill.memory), logged and in the summary.
+    rss, done = {"before variants": give_back()}, []
+    for recipe in shared.recipes:
+        done.append(resolved(variants(profile, shared, [recipe])[0]))
+        rss[recipe.name] = give_back()
+        get_run_logger().info("memory: process RSS %.0f MiB after %s (%.0f MiB before the variants)",
+                              rss[recipe.name] / 2**20, recipe.name, rss["before variants"] / 2**20)
+    return finish(profile, shared, done, rss_bytes=rss)
 
 
 @flow(name="quantize-profile-file", log_prints=True)

@@ -7,13 +7,13 @@ import threading
 from collections.abc import Iterator
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from tasks.quantize.gptq import (
     check_kernel,
     finish_checkpoint,
     gptqmodel_device,
+    resolve_cpu_dtype,
     load_calibration,
     parse_layer_errors,
     run_gptqmodel,
@@ -40,6 +40,8 @@ class AWQConfig(GroupedConfig):
     backend: Literal["gptqmodel", "autoawq"] = "gptqmodel"
     kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = "auto"
     batch_size: int = Field(1, ge=1)
+    # dtype of GPTQModel's scale search on CPU; auto: bf16 (as GPTQ). Never fp32: see _quantize_gptqmodel.
+    compute_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
 
     def default_max_ppl_increase_pct(self) -> float:
         """AWQ is expected to stay within 3% of the fp baseline."""
@@ -58,6 +60,8 @@ class AWQConfig(GroupedConfig):
             require_autoawq()
             if self.kernel != "auto":
                 raise ValueError("kernel applies to backend='gptqmodel' only; AutoAWQ picks its own GEMM kernel")
+            if self.compute_dtype != "auto":
+                raise ValueError("compute_dtype applies to backend='gptqmodel' only; AutoAWQ computes in fp16")
         check_kernel(self.kernel, CPU_KERNELS, device)
         check_cpu_int4_group(self.bits, self.group_size, device)
 
@@ -101,9 +105,9 @@ def _quantize_gptqmodel(config: AWQConfig, job: QuantizeJob):
                           sym=not config.zero_point, device=gptqmodel_device(job.device))
     kernel = "awq_torch" if config.kernel == "auto" and job.device != "cuda" else AWQ_KERNELS[config.kernel]
     # Never fp32: GPTQModel's scale search keeps its "master copy" as weight.to(torch.float32), which aliases an
-    # fp32 weight, so every candidate scale corrupts it (demo ppl 81.9 vs 66.9). fp16 also is what AWQ kernels take.
+    # fp32 weight, so every candidate scale corrupts it (demo ppl 81.9 vs 66.9); bf16/fp16 copy it.
     with awq_processor_options(apply_clip=config.clip_search, duo_scaling=config.duo_scaling):
-        return run_gptqmodel(job, qcfg, kernel, config.batch_size, cpu_dtype=torch.float16)
+        return run_gptqmodel(job, qcfg, kernel, config.batch_size, cpu_dtype=resolve_cpu_dtype(config.compute_dtype))
 
 
 def _quantize_autoawq(config: AWQConfig, job: QuantizeJob) -> None:

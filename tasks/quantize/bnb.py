@@ -7,7 +7,7 @@ On disk (`model.safetensors`, `config.json` with `quantization_config.quant_meth
     `.weight.quant_map`, `.weight.nested_absmax` / `.nested_quant_map` (double quant),
     `.weight.quant_state.bitsandbytes__nf4|fp4`; config `load_in_4bit: true`, `bnb_4bit_quant_type`,
     `bnb_4bit_use_double_quant`, `bnb_4bit_compute_dtype`.
-  Everything else (embeddings, norms, skip_modules such as lm_head) stays in the load dtype (fp32 on CPU).
+  Everything else (embeddings, norms, skip_modules such as lm_head) keeps the base model's dtype (bf16 stays bf16).
 Reload: `AutoModelForCausalLM.from_pretrained(out_dir)` with bitsandbytes installed; bnb >= 0.49 runs these layers on
 CPU (int8 casts activations to fp16 internally), and on CUDA with `device_map="cuda"`.
 """
@@ -23,6 +23,7 @@ from torch import nn
 from tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
+    base_dtype,
     copy_tokenizer,
     layer_errors,
     skipped_linears,
@@ -142,7 +143,8 @@ def quantize_bnb(config: FixedBitsConfig, job: QuantizeJob) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     skip = skipped_linears(job.model_dir, config.skip_modules)
-    dtype = torch.float32 if job.device != "cuda" else compute_dtype(config, job.device)
+    # CPU: load in the base dtype, so the tensors bnb does not quantize are saved as the base stores them
+    dtype = base_dtype(job.model_dir) if job.device != "cuda" else compute_dtype(config, job.device)
     device_map = {"": 0} if job.device == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(
         job.model_dir, quantization_config=bnb_config(config, skip, job.device), dtype=dtype, device_map=device_map

@@ -43,6 +43,21 @@ def load_fp_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | Non
     return model.to(device).eval()
 
 
+def base_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the base model's config.json declares (`dtype` or the older `torch_dtype`), float32 if none."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def kept_dtype(model_dir: Path) -> torch.dtype:
+    """Dtype of the tensors a GPTQ-format checkpoint keeps unquantized: the base's own half dtype (bf16/fp16);
+    an fp32 base is stored fp16, what GPTQ/AWQ kernels and vLLM take."""
+    dtype = base_dtype(model_dir)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float16
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy tokenizer and generation files so a checkpoint is self-contained."""
     dst.mkdir(parents=True, exist_ok=True)

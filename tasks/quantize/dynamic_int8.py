@@ -24,6 +24,7 @@ from torch import nn
 from tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
+    base_dtype,
     copy_tokenizer,
     layer_errors,
     skipped_linears,
@@ -70,7 +71,7 @@ def quantize_dynamic_int8(config: DynamicInt8Config, job: QuantizeJob) -> nn.Mod
 
     skip = skipped_linears(job.model_dir, config.skip_modules)
     on_cuda = job.device == "cuda"
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else base_dtype(job.model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         job.model_dir, quantization_config=torchao_config(config, skip), dtype=dtype,
         device_map={"": 0} if on_cuda else {"": "cpu"},

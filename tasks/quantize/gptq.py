@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tasks.quantize.common import copy_tokenizer, target_linears
+from tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
 from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 from tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_quantized, v1_zero_underflows
 
@@ -19,6 +19,11 @@ from tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_
 GPTQ_KERNELS = {"auto": "auto", "torch": "gptq_torch", "triton": "gptq_triton", "exllama_v2": "gptq_exllama_v2",
                 "marlin": "gptq_marlin", "machete": "gptq_machete"}
 CPU_KERNELS = ("auto", "torch")
+# Compute dtype of the calibrated methods on CPU when `compute_dtype: auto`: bf16, chosen by measurement (README:
+# "Compute dtype"): GPTQ's quality gap to RTN and its KL stay within the calibrated-method tests' noise, and bf16
+# runs GPTQModel's per-layer work faster than fp32 on CPU. On CUDA "auto" is the library's own choice.
+CPU_AUTO_DTYPE = torch.bfloat16
+ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class GPTQConfig(GPTQFamilyConfig):
@@ -32,6 +37,7 @@ class GPTQConfig(GPTQFamilyConfig):
     true_sequential: bool = True
     batch_size: int = Field(1, ge=1)
     kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = "auto"
+    compute_dtype: ComputeDtype = "auto"  # dtype GPTQModel loads and quantizes in; auto: bf16 on CPU
 
     def default_max_ppl_increase_pct(self) -> float:
         """GPTQ is expected to stay within 3% of the fp baseline."""
@@ -52,6 +58,11 @@ def check_kernel(kernel: str, cpu_ok: tuple[str, ...], device: str) -> None:
 def gptqmodel_env() -> None:
     """Keep GPTQModel within the machine's cores unless the caller chose otherwise."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(os.cpu_count() or 1, 8))))
+
+
+def resolve_cpu_dtype(name: str) -> torch.dtype:
+    """The CPU compute dtype a recipe's `compute_dtype` names ("auto": CPU_AUTO_DTYPE)."""
+    return CPU_AUTO_DTYPE if name == "auto" else getattr(torch, name)
 
 
 def gptqmodel_device(device: str) -> str:
@@ -88,18 +99,22 @@ def parse_layer_errors(quant_log: Any, targets: list[str]) -> dict[str, float]:
     return errors
 
 
-def to_fp16_checkpoint(out_dir: Path) -> None:
-    """Store full-precision tensors as fp16 (what GPTQ/AWQ kernels and vLLM expect), shard by shard."""
+def to_kept_dtype(out_dir: Path, dtype: torch.dtype) -> None:
+    """Store unquantized tensors in `dtype` (the base's half dtype) and quantized layers' scales in fp16 (what
+    GPTQ/AWQ kernels and vLLM expect), shard by shard."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     for path in sorted(out_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            if not any(f.get_slice(k).get_dtype() in ("F32", "BF16") for k in f.keys()):
+            meta, keys = f.metadata(), list(f.keys())
+            packed = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
+            want = {k: torch.float16 if k.rsplit(".", 1)[0] in packed else dtype for k in keys}
+            names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+            if all(names.get(f.get_slice(k).get_dtype(), want[k]) == want[k] for k in keys):
                 continue
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+            tensors = {k: f.get_tensor(k) for k in keys}
+        tensors = {k: v.to(want[k]) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(path), metadata=meta)
 
 
@@ -107,12 +122,13 @@ def finish_checkpoint(job: QuantizeJob, targets: list[str], kept: list[str], qua
     """Copy tokenizer, verify coverage, cast to fp16, record kept modules in quantization_config."""
     copy_tokenizer(job.model_dir, job.out_dir)
     quantized = require_all_quantized(targets, job.out_dir)
-    to_fp16_checkpoint(job.out_dir)
+    dtype = kept_dtype(job.model_dir)
+    to_kept_dtype(job.out_dir, dtype)
     cfg_path = job.out_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"].update(quant_config_extra, modules_to_not_convert=kept)
     cfg.pop("torch_dtype", None)
-    cfg["dtype"] = "float16"
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for path in (cfg_path, job.out_dir / "quantize_config.json"):  # GPTQModel records a random offload temp dir
         if path.exists():
@@ -132,7 +148,7 @@ def target_and_kept(model_dir: Path) -> tuple[list[str], list[str]]:
     return sorted(targets), kept_module_names(model, targets)
 
 
-def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = torch.float32) -> Any:
+def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = CPU_AUTO_DTYPE) -> Any:
     """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
     gptqmodel_env()
     from gptqmodel import GPTQModel
@@ -164,7 +180,7 @@ def quantize_gptq(config: GPTQConfig, job: QuantizeJob) -> QuantizeResult:
         format="gptq", device=gptqmodel_device(job.device), dynamic=mixed.get("dynamic"),
     )
     kernel = "gptq_torch" if config.kernel == "auto" and job.device != "cuda" else GPTQ_KERNELS[config.kernel]
-    quant_log = run_gptqmodel(job, qcfg, kernel, config.batch_size)
+    quant_log = run_gptqmodel(job, qcfg, kernel, config.batch_size, cpu_dtype=resolve_cpu_dtype(config.compute_dtype))
     quantized = finish_checkpoint(job, targets, kept, {"lm_head": False, **mixed})
     bad = [] if config.sym else v1_zero_underflows(job.out_dir, config.bits)
     if bad:  # GPTQModel computes zero=round(-min/scale), which can be 0; v1 stores zero-1 -> borrows into a neighbour

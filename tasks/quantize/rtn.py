@@ -10,7 +10,7 @@ import torch
 from pydantic import field_validator, model_serializer
 from torch import nn
 
-from tasks.quantize.common import copy_tokenizer, load_fp_model, model_info, target_linears
+from tasks.quantize.common import copy_tokenizer, kept_dtype, load_fp_model, model_info, target_linears
 from tasks.quantize.mixed import MixedPlan, MixedPrecision, budget_bytes, plan_mixed
 from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
 
@@ -255,8 +255,9 @@ def rtn_quantize_model(
     return packed
 
 
-def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path):
-    """Write model.safetensors (packed linears + full-precision rest) and config.json with quantization_config."""
+def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
+                         dtype: torch.dtype = torch.float16):
+    """Write model.safetensors (packed linears + the rest in `dtype`) and config.json with quantization_config."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,7 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     for key, value in model.state_dict().items():
         module = key.rsplit(".", 1)[0]
         if module not in packed:
-            state[key] = value.detach().to("cpu", torch.float16).contiguous()
+            state[key] = value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
     for name, tensors in packed.items():
         state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -273,7 +274,7 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
-    cfg["dtype"] = "float16"
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
@@ -291,7 +292,7 @@ def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:
     job.progress(f"rtn: quantizing {len(targets)} linears to {config.bits} bits on {job.device}")
     packed = rtn_quantize_model(model, config, skip)
     qcfg = gptq_quantization_config(config, kept) | (plan.quantization_config(list(targets)) if plan else {})
-    save_gptq_checkpoint(model, packed, qcfg, job.out_dir)
+    save_gptq_checkpoint(model, packed, qcfg, job.out_dir, dtype=kept_dtype(job.model_dir))
     copy_tokenizer(job.model_dir, job.out_dir)
     quantized = require_all_quantized(list(targets), job.out_dir)
     extra = {"mixed_precision": plan.record(job.out_dir)} if plan else {}
