@@ -12,16 +12,15 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
-from quantmill.memory import give_back, give_back_hook
+from quantmill.memory import give_back, step_hooks
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
 from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
-from tasks.evaluate import evaluate as evaluate_task
 from tasks.merge import merge
 from tasks.preflight import preflight
-from tasks.quantize import quantize as quantize_task
+from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
@@ -38,6 +37,7 @@ class RunSummary(BaseModel):
     aliases: dict[str, str]
     notes: list[str] = []
     rss_bytes: dict[str, int] = {}  # process RSS before the variants and after each one (memory given back)
+    peak_bytes: dict[str, int] = {}  # each step's peak process RSS (baseline included), as `quantmill plan` names it
 
 
 class Shared(BaseModel):
@@ -70,36 +70,38 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     }
 
 
-def prepare(profile: Profile) -> Shared:
+def prepare(profile: Profile, peaks: dict[str, int] | None = None) -> Shared:
     """Run the shared steps: tracking run, download, merge, preflight, calibration, eval data, baseline."""
     store = profile.storage.root
     device = pick_device() if profile.device == "auto" else profile.device
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
     run_id = start_run(profile)
-    base = download(profile.model, store)
-    model = merge(base, profile.adapter, store, profile.merge)
+    base = download.with_options(**step_hooks("download", peaks))(profile.model, store)
+    model = merge.with_options(**step_hooks("merge", peaks))(base, profile.adapter, store, profile.merge)
     misfits = preflight(model, recipes, device, store, optional=grid)
     recipes = [r for r in recipes if r.name not in misfits]
-    calib = calibrate(model, profile.calibration, store)
+    calib = calibrate.with_options(**step_hooks("calibrate", peaks))(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)
-    baseline = evaluate(model, data, device, store, spec=profile.evaluation)
+    baseline = evaluate.with_options(**step_hooks("evaluate/baseline", peaks))(model, data, device, store,
+                                                                              spec=profile.evaluation)
     return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline,
                   recipes=recipes, skipped=skipped + [f"{name}: {why}" for name, why in misfits.items()])
 
 
-def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[dict[str, PrefectFuture]]:
+def variants(profile: Profile, shared: Shared, recipes: list[Recipe],
+             peaks: dict[str, int] | None = None) -> list[dict[str, PrefectFuture]]:
     """Submit each recipe's quantize -> evaluate -> gate -> register chain to the flow's task runner.
 
     Stage by stage (every quantize first), so a thread pool starts the heavy steps before any task
     waits on its upstream; a Dask runner hands the dependencies to its scheduler either way.
     """
     s, store = shared, profile.storage.root
-    # Each heavy step gives its memory back when it ends (threads of a sweep included): gc + malloc_trim.
-    quantize, evaluate = (t.with_options(on_completion=[give_back_hook], on_failure=[give_back_hook])
-                          for t in (quantize_task, evaluate_task))
-    ckpts = [quantize.submit(s.model, recipe, s.calib, s.device, store) for recipe in recipes]
-    results = [evaluate.submit(c, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation) for c in ckpts]
+    # Each heavy step logs its peak RSS and gives its memory back when it ends (threads of a sweep included).
+    ckpts = [quantize.with_options(**step_hooks(f"quantize/{r.name}", peaks)).submit(s.model, r, s.calib, s.device, store)
+             for r in recipes]
+    results = [evaluate.with_options(**step_hooks(f"evaluate/{r.name}", peaks)).submit(
+        c, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation) for r, c in zip(recipes, ckpts)]
     verdicts = [gate.submit(c, r, s.baseline, profile.evaluation) for c, r in zip(ckpts, results)]
     versions = [
         register.submit(c, r, v, s.baseline, s.base, s.model, s.calib, profile.registry, s.run_id)
@@ -110,7 +112,7 @@ def variants(profile: Profile, shared: Shared, recipes: list[Recipe]) -> list[di
 
 
 def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], failed: list[str] = (),
-           rss_bytes: dict[str, int] | None = None) -> RunSummary:
+           rss_bytes: dict[str, int] | None = None, peak_bytes: dict[str, int] | None = None) -> RunSummary:
     """Move aliases once, log lineage and the comparison report (with skipped/failed recipes), summarise."""
     s = shared
     rows = [summary_row(v["ckpt"], v["result"], s.baseline, v["verdict"], v["version"]) for v in variants]
@@ -121,7 +123,7 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes, rss_bytes=rss_bytes or {},
+        aliases=aliases, notes=notes, rss_bytes=rss_bytes or {}, peak_bytes=peak_bytes or {},
     )
 
 
@@ -133,16 +135,17 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
 @flow(name="quantize", log_prints=True)
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
-    shared = prepare(profile)
+    peaks: dict[str, int] = {}
+    shared = prepare(profile, peaks)
     # One variant at a time: each holds a model copy in memory (the sweep flow fans them out instead); after
     # each, the process is back to its pre-variant footprint (quantmill.memory), logged and in the summary.
     rss, done = {"before variants": give_back()}, []
     for recipe in shared.recipes:
-        done.append(resolved(variants(profile, shared, [recipe])[0]))
+        done.append(resolved(variants(profile, shared, [recipe], peaks)[0]))
         rss[recipe.name] = give_back()
         get_run_logger().info("memory: process RSS %.0f MiB after %s (%.0f MiB before the variants)",
                               rss[recipe.name] / 2**20, recipe.name, rss["before variants"] / 2**20)
-    return finish(profile, shared, done, rss_bytes=rss)
+    return finish(profile, shared, done, rss_bytes=rss, peak_bytes=peaks)
 
 
 @flow(name="quantize-profile-file", log_prints=True)

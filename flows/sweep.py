@@ -10,6 +10,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
+from quantmill.memory import give_back
 from quantmill.profile import Profile, Sweep
 
 
@@ -54,6 +55,7 @@ def fan_out(profile: Profile, shared: Shared) -> list[dict[str, Any]]:
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
             get_run_logger().error("variant %s failed: %s", recipe.name, exc)
             out.append({"name": recipe.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
+        get_run_logger().info("memory: process RSS %.0f MiB after %s", give_back() / 2**20, recipe.name)
     return out
 
 

@@ -13,6 +13,8 @@ import ctypes
 import ctypes.util
 import gc
 import threading
+from pathlib import Path
+from typing import Any, Callable
 
 _LOCK = threading.Lock()
 
@@ -44,3 +46,45 @@ def give_back() -> int:
 def give_back_hook(*_args: object) -> None:
     """A Prefect state hook (task or flow, on completion/failure): release what the finished step held."""
     give_back()
+
+
+def reset_peak() -> None:
+    """Restart the kernel's high-water mark of this process (VmHWM) at the current RSS (Linux; else no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Highest RSS of this process since the last `reset_peak()` (VmHWM), bytes; ru_maxrss off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def step_hooks(label: str, peaks: dict[str, int] | None = None) -> dict[str, list[Callable[..., None]]]:
+    """`Task.with_options` hooks for one heavy step: the process's peak RSS while it ran (baseline included) is
+    logged as `memory: step LABEL peak RSS N MiB` and kept in `peaks`, then the step's memory is given back.
+
+    Steps of one pipeline run one at a time, so the peak is the step's own; in a threaded sweep it is the
+    process's peak while the step ran (other variants included)."""
+
+    def started(*_args: object) -> None:
+        reset_peak()
+
+    def ended(task: Any, run: Any, state: Any) -> None:
+        if state.name != "Cached":  # a cache hit never ran: the mark is not its own
+            peak = peak_rss()
+            if peaks is not None:
+                peaks[label] = peak
+            from prefect.logging.loggers import task_run_logger
+
+            task_run_logger(run, task).info("memory: step %s peak RSS %.0f MiB", label, peak / 2**20)
+        give_back()
+
+    return {"on_running": [started], "on_completion": [ended], "on_failure": [give_back_hook]}

@@ -55,6 +55,6 @@ def test_rss_after_fourth_variant_within_10_percent_of_first(demo_assets, tmp_pa
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     after = [float(m) for m in re.findall(r"memory: process RSS (\d+) MiB after", out)]
-    print("\nRSS after each variant (MiB):", after)
+    print("\nRSS after each variant (MiB):", after, re.findall(r"memory: step (\S+) peak RSS (\d+) MiB", out))
     assert len(after) == len(RECIPES), out[-3000:]
     assert after[-1] <= 1.10 * after[0], after
