@@ -79,7 +79,8 @@ def prepare(profile: Profile, peaks: dict[str, int] | None = None) -> Shared:
     run_id = start_run(profile)
     base = download.with_options(**step_hooks("download", peaks))(profile.model, store)
     model = merge.with_options(**step_hooks("merge", peaks))(base, profile.adapter, store, profile.merge)
-    misfits = preflight(model, recipes, device, store, optional=grid)
+    misfits = preflight(model, recipes, device, store, optional=grid, calibration=profile.calibration,
+                        evaluation=profile.evaluation)
     recipes = [r for r in recipes if r.name not in misfits]
     calib = calibrate.with_options(**step_hooks("calibrate", peaks))(model, profile.calibration, store)
     data = eval_data(model, profile.evaluation, store)

@@ -1,9 +1,11 @@
 """Memory plan: each step's peak RAM/VRAM, disk and output size, from config.json and safetensors headers alone.
 
-Estimates are the *working memory a step adds* to the running pipeline process (whose own footprint,
-Python + torch + transformers + Prefect, is `RUNTIME_BYTES` and shown once). Nothing here reads weights:
-local folders give their safetensors headers, hub repos their headers via HTTP range requests
-(`huggingface_hub.get_safetensors_metadata`). `tasks/preflight.py` can call the same plain functions.
+Each row has the *working memory the step adds* (`ram`) and the process baseline when it runs (`base`: the
+pipeline process itself, `RUNTIME_BYTES`, plus the quantization libraries earlier steps imported, which stay
+loaded); the step's peak RSS is `base + ram`, and the run's peak is the largest step's, not their sum (memory is
+given back between steps: quantmill.memory). Nothing here reads weights: local folders give their safetensors
+headers, hub repos their headers via HTTP range requests (`huggingface_hub.get_safetensors_metadata`).
+This is the only estimator: `quantmill plan` prints it and the preflight refuses a run with it (`refuse_unfit`).
 """
 
 from __future__ import annotations
@@ -222,28 +224,49 @@ def gib(n: float) -> str:
 # ---------- the other steps ----------
 
 # Per method: (extra RAM as a multiple of the checkpoint size, library first-use bytes, kept-tensor bytes on CPU
-# or None for 2 bytes (fp16)); measured on the demo and a 34 MiB synthetic Llama with torch 2.13 CPU.
+# or None for the base's half dtype (GPTQ format: bf16/fp16; an fp32 base is kept fp16), 0 for the base dtype);
+# measured on the demo, a 34 MiB synthetic Llama and benchmarks/scale.py with torch 2.13 CPU.
 METHODS: dict[str, tuple[float, int, int | None]] = {
     "rtn": (2.0, 0, None), "gptq": (2.0, 64 * MiB, None), "awq": (2.0, 64 * MiB, None),
-    "bnb-int8": (1.0, 48 * MiB, 4), "bnb-nf4": (1.0, 48 * MiB, 4), "bnb-fp4": (1.0, 48 * MiB, 4),
-    "dynamic-int8": (0.5, 4 * MiB, 4), "fp8": (0.5, 0, 0),
+    "bnb-int8": (1.0, 48 * MiB, 0), "bnb-nf4": (1.0, 48 * MiB, 0), "bnb-fp4": (1.0, 48 * MiB, 0),
+    "dynamic-int8": (0.5, 4 * MiB, 0), "fp8": (0.5, 0, 0),
 }
+# The library a method's quantize step imports, and the one that loads its checkpoint for evaluation: imported
+# once, it stays in the process (later steps' baseline); methods sharing one are charged once.
+LIBRARY = {"rtn": "", "gptq": "gptqmodel", "awq": "gptqmodel", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes",
+           "bnb-fp4": "bitsandbytes", "dynamic-int8": "torchao", "fp8": ""}
+LOADER = {"rtn": "gptqmodel", "gptq": "gptqmodel", "awq": "gptqmodel"}
+
+
+
+def library_of(method: str, loading: bool = False) -> str:
+    """The library a method's quantize step (or, `loading`, its checkpoint's evaluation) imports; unknown: its name."""
+    return (LOADER.get(method) if loading else None) or LIBRARY.get(method, method)
+
+
+def library_bytes(lib: str) -> int:
+    """First-use bytes of a library (METHODS' column, the largest among the methods using it)."""
+    return max((row[1] for m, row in METHODS.items() if library_of(m) == lib), default=0)
+# dtype a quantizer loads the full-precision model in on CPU: rtn fp32 (its math), GPTQModel the compute dtype
+# (bf16, tasks/quantize/gptq.py), bitsandbytes/torchao/fp8 the base dtype.
+CPU_LOAD_BYTES = {"rtn": 4, "gptq": 2, "awq": 2}
 
 
 def checkpoint_bytes(weights: Weights, method: str, bits: int, group_size: int | None, device: str) -> int:
-    """Expected size of a quantized checkpoint: packed linears, their scales, kept tensors (fp16 or load dtype)."""
+    """Expected size of a quantized checkpoint: packed linears, their scales, kept tensors (base or half dtype)."""
     quant, keep = weights.linear_params()
-    kept = METHODS.get(method, (1.0, 0, None))[2]
-    kept = 2 if kept is None or device == "cuda" else kept or weights.itemsize
+    kept = METHODS.get(method, (1.0, 0, 0))[2]
+    half = weights.itemsize if weights.itemsize == 2 else 2
+    kept = half if kept is None or (device == "cuda" and kept == 0) else kept or weights.itemsize
     scales = quant / group_size * (2 + bits / 8) if group_size else 0
     return int(quant * bits / 8 + scales + keep * kept)
 
 
 def load_bytes(weights: Weights, method: str, device: str) -> int:
-    """Bytes of the full-precision model as a quantizer loads it (fp32 on CPU, fp16 on CUDA, fp8 keeps the dtype)."""
-    if method == "fp8" or device == "cuda":
-        return weights.params * (weights.itemsize if method == "fp8" else 2)
-    return weights.params * 4
+    """Bytes of the full-precision model as a quantizer loads it (CPU: CPU_LOAD_BYTES or the base dtype; CUDA fp16)."""
+    if method == "fp8" or device != "cuda":
+        return weights.params * (CPU_LOAD_BYTES.get(method, weights.itemsize) if device != "cuda" else weights.itemsize)
+    return weights.params * 2
 
 
 def activation_bytes(weights: Weights, num_samples: int, seq_len: int) -> int:
@@ -255,14 +278,14 @@ def activation_bytes(weights: Weights, num_samples: int, seq_len: int) -> int:
 
 def quantize_memory(weights: Weights, method: str, bits: int, group_size: int | None, device: str,
                     calib: tuple[int, int] | None) -> tuple[int, int, int]:
-    """(RAM, VRAM, checkpoint bytes) of one recipe on `device`."""
-    factor, lib, _ = METHODS.get(method, (1.0, 0, None))
+    """(RAM, VRAM, checkpoint bytes) of one recipe on `device` (its library's import is in the row's baseline)."""
+    factor = METHODS.get(method, (1.0, 0, None))[0]
     ckpt = checkpoint_bytes(weights, method, bits, group_size, device)
     act = activation_bytes(weights, *calib) if calib else 0
     model = load_bytes(weights, method, device)
     if device == "cuda":
-        return QUANT_OVERHEAD + lib + weights.largest_shard + int(factor * ckpt), model + ckpt + act, ckpt
-    return QUANT_OVERHEAD + lib + model + int(factor * ckpt) + act, 0, ckpt
+        return QUANT_OVERHEAD + weights.largest_shard + int(factor * ckpt), model + ckpt + act, ckpt
+    return QUANT_OVERHEAD + model + int(factor * ckpt) + act, 0, ckpt
 
 
 def evaluate_memory(model_bytes: int, vocab: int, window: int, batch: int, topk: int) -> int:
@@ -284,13 +307,42 @@ class StepPlan:
     output: int = 0
     fits: bool = True
     advice: str = ""
+    libs: tuple[str, ...] = ()  # libraries the step imports (they stay loaded)
+    base: int = 0  # process RSS when the step starts (set by `settle`)
+
+    @property
+    def peak(self) -> int:
+        """The process's peak RSS during the step (baseline included)."""
+        return self.base + self.ram
 
 
 def _fit(row: StepPlan, m: Machine, advice: str) -> StepPlan:
-    """Mark a row that needs more RAM/VRAM than is free for the step, with what to change."""
-    if row.ram * HEADROOM > m.ram or row.vram and row.vram * HEADROOM > m.vram:
-        row.fits, row.advice = False, advice
+    """Mark a row that needs more RAM/VRAM than is free for the step, with what to change (`m.ram` is what is
+    free for the step itself; `settle` checks the row again with its baseline)."""
+    row.advice = advice
+    row.fits = not (row.ram * HEADROOM > m.ram or row.vram and row.vram * HEADROOM > m.vram)
     return row
+
+
+def settle(rows: list[StepPlan], available: int, runtime: int = RUNTIME_BYTES, resident: int = 0) -> list[StepPlan]:
+    """Give each row its baseline (runtime + libraries imported by it or earlier rows) and decide whether it fits:
+    what the process adds beyond `resident` (its RSS now; 0 before it starts) must fit in `available`."""
+    loaded: set[str] = set()
+    for row in rows:
+        loaded.update(lib for lib in row.libs if lib)
+        row.base = runtime + sum(library_bytes(lib) for lib in loaded)
+        if row.device == "disk":
+            continue
+        if row.base - resident + row.ram * HEADROOM > available and row.fits:
+            row.fits = False
+        if row.fits:
+            row.advice = ""
+    return rows
+
+
+def run_peak(rows: list[StepPlan]) -> StepPlan:
+    """The row whose peak is the run's peak: the largest step, not the sum (memory is given back between steps)."""
+    return max((r for r in rows if r.device != "disk"), key=lambda r: r.peak)
 
 
 def adapter_facts(source: Any) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
@@ -346,7 +398,8 @@ def quantize_row(w: Weights, recipe: Any, cal: Any, device: str, m: Machine) -> 
               else "use device: cpu" if device == "cuda" and cpu_ram * HEADROOM <= m.ram
               else "use a machine with more memory or a GPU")
     how = f"{c.weight_bits}-bit, loads {gib(load_bytes(w, recipe.method, device))}"
-    return _fit(StepPlan(f"quantize/{recipe.name}", device, how, ram, vram, ckpt, ckpt), m, advice)
+    row = StepPlan(f"quantize/{recipe.name}", device, how, ram, vram, ckpt, ckpt, libs=(library_of(recipe.method),))
+    return _fit(row, m, advice)
 
 
 def plan_profile(profile: Any, machine: Machine | None = None, runtime: int = RUNTIME_BYTES) -> list[StepPlan]:
@@ -354,28 +407,62 @@ def plan_profile(profile: Any, machine: Machine | None = None, runtime: int = RU
     found = machine or this_machine(profile.storage.root)
     m = Machine(max(0, found.ram - runtime), found.vram, found.disk, found.cuda)  # the pipeline process runs first
     device = ("cuda" if m.cuda else "cpu") if profile.device == "auto" else profile.device
-    src, cal, ev = profile.model, profile.calibration, profile.evaluation
+    src = profile.model
     w = folder_weights(Path(src.path)) if src.path else hub_weights(src.repo_id, src.revision)
     rows = [StepPlan("download", "network" if src.repo_id else "disk", "hub snapshot" if src.repo_id else "hash local folder",
                      64 * MiB if src.repo_id else STEP_OVERHEAD, disk=w.total if src.repo_id else 0, output=w.total)]
     if profile.adapter is not None:
         rows.append(merge_row(w, profile.adapter, profile.merge, m))
-    text = Path(cal.source.path).stat().st_size if cal.source.path and Path(cal.source.path).is_file() else 64 * MiB
-    tokens = cal.num_samples * cal.seq_len * 8
-    rows.append(_fit(StepPlan("calibrate", "cpu", f"{cal.num_samples} × {cal.seq_len} tokens",
-                              STEP_OVERHEAD + 6 * text + tokens, 0, tokens, tokens), m, "use a smaller calibration text"))
-    vocab, window = int(w.config.get("vocab_size") or 32000), ev.window or int(w.config.get("max_position_embeddings") or 2048)
-    base_eval = evaluate_memory(w.params * w.itemsize, vocab, window, ev.batch_size, ev.kl_topk)
-    rows.append(_eval_row("evaluate/baseline", device, base_eval, ev.max_tokens * ev.kl_topk * 8, m))
-    for recipe in profile.all_recipes()[0]:
-        rows.append(quantize_row(w, recipe, cal, device, m))
-        need = evaluate_memory(int(rows[-1].output * 1.2), vocab, window, ev.batch_size, 0)
-        rows.append(_eval_row(f"evaluate/{recipe.name}", device, need, 0, m))
+    rows += later_rows(w, profile.all_recipes()[0], profile.calibration, profile.evaluation, device, m)
+    settle(rows, found.ram, runtime)
     total = sum(r.disk for r in rows)
     if total * HEADROOM > m.disk:
         rows.append(StepPlan("disk (all steps)", "disk", str(profile.storage.root), 0, 0, total, 0, False,
                              f"point storage.root at a disk with {gib(total * HEADROOM)} free"))
     return rows
+
+
+def later_rows(w: Weights, recipes: list[Any], cal: Any, ev: Any, device: str, m: Machine) -> list[StepPlan]:
+    """The steps after the merge: calibration, baseline evaluation, each recipe's quantize and evaluate."""
+    text = Path(cal.source.path).stat().st_size if cal.source.path and Path(cal.source.path).is_file() else 64 * MiB
+    tokens = cal.num_samples * cal.seq_len * 8
+    rows = [_fit(StepPlan("calibrate", "cpu", f"{cal.num_samples} × {cal.seq_len} tokens",
+                          STEP_OVERHEAD + 6 * text + tokens, 0, tokens, tokens), m, "use a smaller calibration text")]
+    vocab, window = int(w.config.get("vocab_size") or 32000), ev.window or int(w.config.get("max_position_embeddings") or 2048)
+    base_eval = evaluate_memory(w.params * w.itemsize, vocab, window, ev.batch_size, ev.kl_topk)
+    rows.append(_eval_row("evaluate/baseline", device, base_eval, ev.max_tokens * ev.kl_topk * 8, m))
+    for recipe in recipes:
+        rows.append(quantize_row(w, recipe, cal, device, m))
+        need = evaluate_memory(int(rows[-1].output * 1.2), vocab, window, ev.batch_size, 0)
+        rows.append(_eval_row(f"evaluate/{recipe.name}", device, need, 0, m))
+        rows[-1].libs = (library_of(recipe.method, loading=True),)
+    return rows
+
+
+def preflight_rows(model_dir: Path, recipes: list[Any], cal: Any, ev: Any, device: str) -> list[StepPlan]:
+    """The remaining steps of a running pipeline (after the merge), settled against available memory with this
+    process's RSS now as their baseline."""
+    import psutil
+
+    w, avail, rss = folder_weights(Path(model_dir)), psutil.virtual_memory().available, psutil.Process().memory_info().rss
+    return settle(later_rows(w, recipes, cal, ev, device, Machine(avail, 0, 1 << 62, device == "cuda")), avail,
+                  runtime=rss, resident=rss)
+
+
+def disk_need(rows: list[StepPlan]) -> int:
+    """Bytes the steps write to the store, plus scratch for the largest output (built beside its final place)."""
+    return sum(r.disk for r in rows) + max((r.output for r in rows), default=0)
+
+
+def refuse_unfit(rows: list[StepPlan], available: int) -> None:
+    """Raise PreflightError naming the first step whose peak will not fit in the `available` memory."""
+    from quantmill.errors import PreflightError
+
+    for row in rows:
+        if not row.fits:
+            raise PreflightError(
+                f"{row.step}: needs about {gib(row.peak)} at its peak (process {gib(row.base)} + step {gib(row.ram)}), "
+                f"{gib(available)} available beyond this process; {row.advice or 'use a machine with more memory'}")
 
 
 def _eval_row(name: str, device: str, need: int, disk: int, m: Machine) -> StepPlan:
@@ -392,9 +479,17 @@ def render(rows: list[StepPlan], machine: Machine, runtime: int = RUNTIME_BYTES)
     table = Table(title=f"memory plan (this machine: {gib(machine.ram)} RAM free, "
                         f"{gib(machine.vram) + ' VRAM free' if machine.cuda else 'no GPU'}, {gib(machine.disk)} disk free; "
                         f"process itself ≈ {gib(runtime)})")
-    for col in ("step", "device", "strategy", "peak RAM", "peak VRAM", "disk", "output", "fits"):
-        table.add_column(col, justify="right" if col in {"peak RAM", "peak VRAM", "disk", "output"} else "left")
+    for col in ("step", "device", "strategy", "step RAM", "peak RSS", "peak VRAM", "disk", "output", "fits"):
+        table.add_column(col, justify="right" if col in {"step RAM", "peak RSS", "peak VRAM", "disk", "output"} else "left")
     for r in rows:
-        table.add_row(r.step, r.device, r.how, gib(r.ram), gib(r.vram) if r.vram else "-", gib(r.disk) if r.disk else "-",
+        table.add_row(r.step, r.device, r.how, gib(r.ram), gib(r.peak) if r.device != "disk" else "-",
+                      gib(r.vram) if r.vram else "-", gib(r.disk) if r.disk else "-",
                       gib(r.output) if r.output else "-", "yes" if r.fits else f"[red]NO[/red]: {r.advice}")
+    top = run_peak(rows)
+    table.caption = f"run peak RSS ≈ {gib(top.peak)} ({top.step}; the largest step, not the sum)"
     return table
+
+
+def step_peaks(rows: list[StepPlan]) -> dict[str, int]:
+    """Each step's predicted peak RSS of the process (its baseline included): {step: bytes}."""
+    return {r.step: r.peak for r in rows if r.device != "disk"}

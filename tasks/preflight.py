@@ -8,25 +8,11 @@ from pathlib import Path
 import psutil
 from prefect import task
 
+from quantmill import plan
 from quantmill.errors import PreflightError, QuantmillError
-from quantmill.profile import Recipe
+from quantmill.profile import Calibration, Evaluation, Recipe
 from quantmill.refs import ModelRef
 from tasks.quantize.step import check_recipe
-
-OVERHEAD = 1.10  # configs, tokenizer, scales and zero points
-
-
-def checkpoint_bytes(model: ModelRef, recipe: Recipe) -> int:
-    """Expected size of one variant on disk: quantized linears plus full-precision rest."""
-    params = int(model.summary.get("num_parameters") or 0)
-    bits = recipe.config().weight_bits
-    return int(params * bits / 8 * OVERHEAD + 2 * model.summary.get("vocab_size", 0) * model.summary.get("hidden_size", 0) * 2)
-
-
-def disk_needed(model: ModelRef, recipes: list[Recipe]) -> int:
-    """Bytes the run will write to the store (variants plus scratch for the largest one)."""
-    sizes = [checkpoint_bytes(model, r) for r in recipes]
-    return sum(sizes) + max(sizes, default=0)
 
 
 def free_bytes(path: Path) -> int:
@@ -36,14 +22,10 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def memory_needed(model: ModelRef) -> int:
-    """Peak RAM of the largest in-memory step: the full-precision model twice (load + quantized copy)."""
-    return int(model.summary.get("weight_bytes") or 0) * 2
-
-
 @task(name="preflight")
 def preflight(
-    model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None,
+    model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None, *,
+    calibration: Calibration, evaluation: Evaluation,
 ) -> dict[str, str]:
     """Fail before heavy work: recipes valid for this model/device, enough disk and memory.
 
@@ -63,16 +45,12 @@ def preflight(
     if not valid:
         raise PreflightError("sweep.grid: no recipe fits this model and device: "
                              + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
-    need, free = disk_needed(model, valid), free_bytes(Path(store_root))
+    rows = plan.preflight_rows(Path(model.path), valid, calibration, evaluation, device)  # the one estimator
+    need, free = plan.disk_need(rows), free_bytes(Path(store_root))
     if need > free:
         raise PreflightError(
             f"storage.root: {store_root} has {free:,} bytes free but this run needs about {need:,}; "
             "free some space or point storage.root at a larger disk"
         )
-    ram, avail = memory_needed(model), psutil.virtual_memory().available
-    if device == "cpu" and ram > avail:
-        raise PreflightError(
-            f"model: quantizing {model.source} on CPU needs about {ram:,} bytes of RAM, {avail:,} available; "
-            "use a machine with more memory or a GPU"
-        )
+    plan.refuse_unfit(rows, psutil.virtual_memory().available)
     return skipped
