@@ -53,7 +53,7 @@ def hwm():
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
 def ids(path, n):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(merged)
+    tok = AutoTokenizer.from_pretrained(args["base"])  # merge_and_unload saves no tokenizer
     return torch.tensor(tok(Path(path).read_text(), add_special_tokens=False)["input_ids"][:n])
 if step == "merge":
     from peft import PeftModel
@@ -82,7 +82,7 @@ elif step == "perplexity":
     x = ids(args["eval_text"], tokens)
     windows = x[: x.numel() // window * window].view(-1, window)
     for path in args["models"]:
-        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": "cpu"}).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, device_map={"": "cpu"}).eval()  # dtype: the saved one
         nll = 0.0
         with torch.no_grad():
             for w in windows.split(1):
@@ -180,7 +180,8 @@ def run_pipeline(work: Path, model: Path, adapter: Path, demo, size: dict) -> di
                "calibration": {"source": {"path": str(demo.calib_path)}, "num_samples": n, "seq_len": seq},
                "recipes": RECIPES,
                "evaluation": {"source": {"path": str(demo.eval_path)}, "max_tokens": tokens, "window": window,
-                              "speed": {"enabled": False}, "gates": {"max_ppl_increase_pct": 1000}},
+                              "speed": {"enabled": False}, "batch_size": 1,  # as the reference loop
+                              "gates": {"max_ppl_increase_pct": 1000}},
                "registry": {"model_name": "scale-bench"}, "storage": {"root": str(home / "artifacts")}}
     path = work / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))

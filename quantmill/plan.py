@@ -29,6 +29,7 @@ MERGE_SLACK = MiB // 2  # the merge's headers, file buffers and Python objects
 HEADROOM = 1.15  # a step "fits" when estimate × HEADROOM ≤ free memory
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
+DISK_ROW = "disk (all steps)"
 KEEP = re.compile(r"(embed|lm_head|wte|wpe|norm|ln_|bias)")
 
 
@@ -331,7 +332,7 @@ def settle(rows: list[StepPlan], available: int, runtime: int = RUNTIME_BYTES, r
     for row in rows:
         loaded.update(lib for lib in row.libs if lib)
         row.base = runtime + sum(library_bytes(lib) for lib in loaded)
-        if row.device == "disk":
+        if row.step == DISK_ROW:
             continue
         if row.base - resident + row.ram * HEADROOM > available and row.fits:
             row.fits = False
@@ -342,7 +343,7 @@ def settle(rows: list[StepPlan], available: int, runtime: int = RUNTIME_BYTES, r
 
 def run_peak(rows: list[StepPlan]) -> StepPlan:
     """The row whose peak is the run's peak: the largest step, not the sum (memory is given back between steps)."""
-    return max((r for r in rows if r.device != "disk"), key=lambda r: r.peak)
+    return max((r for r in rows if r.step != DISK_ROW), key=lambda r: r.peak)
 
 
 def adapter_facts(source: Any) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
@@ -417,7 +418,7 @@ def plan_profile(profile: Any, machine: Machine | None = None, runtime: int = RU
     settle(rows, found.ram, runtime)
     total = sum(r.disk for r in rows)
     if total * HEADROOM > m.disk:
-        rows.append(StepPlan("disk (all steps)", "disk", str(profile.storage.root), 0, 0, total, 0, False,
+        rows.append(StepPlan(DISK_ROW, "disk", str(profile.storage.root), 0, 0, total, 0, False,
                              f"point storage.root at a disk with {gib(total * HEADROOM)} free"))
     return rows
 
@@ -482,7 +483,7 @@ def render(rows: list[StepPlan], machine: Machine, runtime: int = RUNTIME_BYTES)
     for col in ("step", "device", "strategy", "step RAM", "peak RSS", "peak VRAM", "disk", "output", "fits"):
         table.add_column(col, justify="right" if col in {"step RAM", "peak RSS", "peak VRAM", "disk", "output"} else "left")
     for r in rows:
-        table.add_row(r.step, r.device, r.how, gib(r.ram), gib(r.peak) if r.device != "disk" else "-",
+        table.add_row(r.step, r.device, r.how, gib(r.ram), gib(r.peak) if r.step != DISK_ROW else "-",
                       gib(r.vram) if r.vram else "-", gib(r.disk) if r.disk else "-",
                       gib(r.output) if r.output else "-", "yes" if r.fits else f"[red]NO[/red]: {r.advice}")
     top = run_peak(rows)
@@ -492,4 +493,4 @@ def render(rows: list[StepPlan], machine: Machine, runtime: int = RUNTIME_BYTES)
 
 def step_peaks(rows: list[StepPlan]) -> dict[str, int]:
     """Each step's predicted peak RSS of the process (its baseline included): {step: bytes}."""
-    return {r.step: r.peak for r in rows if r.device != "disk"}
+    return {r.step: r.peak for r in rows if r.step != DISK_ROW}
