@@ -249,14 +249,15 @@ def main() -> int:
     pipe = run_pipeline(work, model, adapter, demo, size)
     print(f"  pipeline cold {pipe['wall']:7.1f} s  peak {pipe['peak'] / MiB:7.0f} MiB; cached {pipe['cached']:.1f} s",
           flush=True)
-    rtn = next((d for d in sorted(pipe["objects"].glob("quantize-*")) if (d / "quantmill.json").is_file()
-                and json.loads((d / "quantmill.json").read_text())["method"] == "rtn"), None)  # scored directly too
-    direct = run_direct(work, model, adapter, demo, size, rtn)
     planned = plan_peaks(pipe["profile"])
     errors = {s: abs(planned[s] - got) / got for s, got in pipe["steps"].items() if s in planned}
     for s, got in pipe["steps"].items():
         print(f"  step {s:22s} measured {got / MiB:7.0f} MiB  plan {planned.get(s, 0) / MiB:7.0f} MiB  "
               f"error {100 * errors.get(s, float('nan')):5.1f} %")
+    sys.stdout.flush()
+    rtn = next((d for d in sorted(pipe["objects"].glob("quantize-*")) if (d / "quantmill.json").is_file()
+                and json.loads((d / "quantmill.json").read_text())["method"] == "rtn"), None)  # scored directly too
+    direct = run_direct(work, model, adapter, demo, size, rtn)
     ratios = {"wall": pipe["wall"] / sum(w for w, _ in direct.values()),
               "rss": pipe["peak"] / max(p for _, p in direct.values()),
               "disk": pipe["disk"] / max(pipe["ideal"], 1),

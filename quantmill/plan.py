@@ -22,7 +22,7 @@ from typing import Any
 from quantmill.errors import QuantmillError
 
 MiB = 1 << 20
-RUNTIME_BYTES = 900 * MiB  # the pipeline process itself (python, torch, transformers, prefect, mlflow)
+RUNTIME_BYTES = 540 * MiB  # the pipeline process at its first step (python, torch, transformers, prefect, mlflow)
 STEP_OVERHEAD = 8 * MiB  # a step that loads a transformers model: its Python objects, buffers, allocator slack
 QUANT_OVERHEAD = 6 * MiB  # from_pretrained's own objects and buffers, measured with rtn on the demo model
 MERGE_SLACK = MiB // 2  # the merge's headers, file buffers and Python objects
@@ -228,15 +228,20 @@ def gib(n: float) -> str:
 # or None for the base's half dtype (GPTQ format: bf16/fp16; an fp32 base is kept fp16), 0 for the base dtype);
 # measured on the demo, a 34 MiB synthetic Llama and benchmarks/scale.py with torch 2.13 CPU.
 METHODS: dict[str, tuple[float, int, int | None]] = {
-    "rtn": (2.0, 0, None), "gptq": (2.0, 64 * MiB, None), "awq": (2.0, 64 * MiB, None),
-    "bnb-int8": (1.0, 48 * MiB, 0), "bnb-nf4": (1.0, 48 * MiB, 0), "bnb-fp4": (1.0, 48 * MiB, 0),
+    "rtn": (2.0, 100 * MiB, None), "gptq": (2.0, 136 * MiB, None), "awq": (2.0, 136 * MiB, None),
+    "bnb-int8": (1.0, 16 * MiB, 0), "bnb-nf4": (1.0, 16 * MiB, 0), "bnb-fp4": (1.0, 16 * MiB, 0),
     "dynamic-int8": (0.5, 4 * MiB, 0), "fp8": (0.5, 0, 0),
 }
 # The library a method's quantize step imports, and the one that loads its checkpoint for evaluation: imported
 # once, it stays in the process (later steps' baseline); methods sharing one are charged once.
-LIBRARY = {"rtn": "", "gptq": "gptqmodel", "awq": "gptqmodel", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes",
+LIBRARY = {"rtn": "rtn", "gptq": "gptqmodel", "awq": "gptqmodel", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes",
            "bnb-fp4": "bitsandbytes", "dynamic-int8": "torchao", "fp8": ""}
 LOADER = {"rtn": "gptqmodel", "gptq": "gptqmodel", "awq": "gptqmodel"}
+# Steps' own first use (stays resident): the tokenizer stack the calibration step imports.
+STEP_LIBRARY_BYTES = {"tokenizers": 160 * MiB}
+# Evaluating a checkpoint on CPU: bytes per quantized parameter its kernels materialize beside the checkpoint
+# (dequantized weights; GPTQ's torch kernel, bnb's int8 fp16 cast), measured with benchmarks/scale.py.
+EVAL_DEQUANT = {"rtn": 3.0, "gptq": 3.0, "awq": 3.0, "bnb-int8": 2.4, "bnb-nf4": 1.5, "bnb-fp4": 1.5}
 
 
 
@@ -247,6 +252,8 @@ def library_of(method: str, loading: bool = False) -> str:
 
 def library_bytes(lib: str) -> int:
     """First-use bytes of a library (METHODS' column, the largest among the methods using it)."""
+    if lib in STEP_LIBRARY_BYTES:
+        return STEP_LIBRARY_BYTES[lib]
     return max((row[1] for m, row in METHODS.items() if library_of(m) == lib), default=0)
 # dtype a quantizer loads the full-precision model in on CPU: rtn fp32 (its math), GPTQModel the compute dtype
 # (bf16, tasks/quantize/gptq.py), bitsandbytes/torchao/fp8 the base dtype.
@@ -428,13 +435,15 @@ def later_rows(w: Weights, recipes: list[Any], cal: Any, ev: Any, device: str, m
     text = Path(cal.source.path).stat().st_size if cal.source.path and Path(cal.source.path).is_file() else 64 * MiB
     tokens = cal.num_samples * cal.seq_len * 8
     rows = [_fit(StepPlan("calibrate", "cpu", f"{cal.num_samples} × {cal.seq_len} tokens",
-                          STEP_OVERHEAD + 6 * text + tokens, 0, tokens, tokens), m, "use a smaller calibration text")]
+                          STEP_OVERHEAD + 6 * text + tokens, 0, tokens, tokens, libs=("tokenizers",)), m,
+                 "use a smaller calibration text")]
     vocab, window = int(w.config.get("vocab_size") or 32000), ev.window or int(w.config.get("max_position_embeddings") or 2048)
     base_eval = evaluate_memory(w.params * w.itemsize, vocab, window, ev.batch_size, ev.kl_topk)
     rows.append(_eval_row("evaluate/baseline", device, base_eval, ev.max_tokens * ev.kl_topk * 8, m))
     for recipe in recipes:
         rows.append(quantize_row(w, recipe, cal, device, m))
-        need = evaluate_memory(int(rows[-1].output * 1.2), vocab, window, ev.batch_size, 0)
+        dequant = EVAL_DEQUANT.get(recipe.method, 2.0) * w.linear_params()[0] if device != "cuda" else 0
+        need = evaluate_memory(int(rows[-1].output * 1.2 + dequant), vocab, window, ev.batch_size, 0)
         rows.append(_eval_row(f"evaluate/{recipe.name}", device, need, 0, m))
         rows[-1].libs = (library_of(recipe.method, loading=True),)
     return rows

@@ -146,3 +146,28 @@ def _write(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def test_preflight_refuses_a_run_whose_peak_will_not_fit_naming_the_step(demo_assets, tmp_path, capsys, monkeypatch):
+    import psutil
+
+    path = _write(tmp_path, demo_profile(demo_assets, tmp_path / "store", merge={"strategy": "streaming"}))
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=2 * MiB))  # a full machine
+    assert main(["run", str(path)]) == 2
+    last = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: calibrate: needs about ") and "at its peak (process " in last, last
+    assert "2.0 MiB available beyond this process" in last, last
+    assert not list((tmp_path / "store" / "objects").glob("quantize-*"))  # refused before any heavy step
+
+
+def test_run_peak_is_the_largest_step_not_the_sum(demo_assets, tmp_path):
+    from quantmill.plan import run_peak, step_peaks
+
+    profile = load_profile(_write(tmp_path, demo_profile(demo_assets, tmp_path / "store")))
+    rows = plan_profile(profile, Machine(ram=64 << 30, vram=0, disk=1 << 40, cuda=False))
+    peaks = step_peaks(rows)
+    assert run_peak(rows).peak == max(peaks.values()) < sum(r.ram for r in rows) + RUNTIME_BYTES
+    assert all(p >= RUNTIME_BYTES for p in peaks.values())  # every step's peak includes the process baseline
+    by = {r.step: r for r in rows}  # libraries a step imports stay loaded: later steps start higher
+    assert by["download"].base == RUNTIME_BYTES < by["evaluate/rtn-w8g64"].base <= by["evaluate/dynamic-int8"].base
