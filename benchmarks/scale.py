@@ -60,6 +60,8 @@ if step == "merge":
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=torch.bfloat16)
     PeftModel.from_pretrained(model, args["adapter"]).merge_and_unload().save_pretrained(merged)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(args["base"]).save_pretrained(merged)  # GPTQModel.load reads it
 elif step in ("bnb-nf4", "bnb-int8"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     qc = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"]) if step == "bnb-int8" else
