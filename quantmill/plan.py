@@ -454,7 +454,8 @@ def preflight_rows(model_dir: Path, recipes: list[Any], cal: Any, ev: Any, devic
     process's RSS now as their baseline."""
     import psutil
 
-    w, avail, rss = folder_weights(Path(model_dir)), psutil.virtual_memory().available, psutil.Process().memory_info().rss
+    w, avail = folder_weights(Path(model_dir)), psutil.virtual_memory().available
+    rss = psutil.Process().memory_info().rss
     return settle(later_rows(w, recipes, cal, ev, device, Machine(avail, 0, 1 << 62, device == "cuda")), avail,
                   runtime=rss, resident=rss)
 

@@ -40,8 +40,10 @@ class AWQConfig(GroupedConfig):
     backend: Literal["gptqmodel", "autoawq"] = "gptqmodel"
     kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = "auto"
     batch_size: int = Field(1, ge=1)
-    # dtype of GPTQModel's scale search on CPU; auto: bf16 (as GPTQ). Never fp32: see _quantize_gptqmodel.
-    compute_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    # Never fp32: see _quantize_gptqmodel.
+    compute_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of GPTQModel's scale search on CPU; auto: bfloat16 (measured). "
+                            "CUDA: the library's choice")
 
     def default_max_ppl_increase_pct(self) -> float:
         """AWQ is expected to stay within 3% of the fp baseline."""

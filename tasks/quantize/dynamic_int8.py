@@ -71,7 +71,8 @@ def quantize_dynamic_int8(config: DynamicInt8Config, job: QuantizeJob) -> nn.Mod
 
     skip = skipped_linears(job.model_dir, config.skip_modules)
     on_cuda = job.device == "cuda"
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else base_dtype(job.model_dir)
+    cuda_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
+    dtype = cuda_dtype if on_cuda else base_dtype(job.model_dir)  # CPU: unquantized tensors keep the base dtype
     model = AutoModelForCausalLM.from_pretrained(
         job.model_dir, quantization_config=torchao_config(config, skip), dtype=dtype,
         device_map={"": 0} if on_cuda else {"": "cpu"},

@@ -37,7 +37,9 @@ class GPTQConfig(GPTQFamilyConfig):
     true_sequential: bool = True
     batch_size: int = Field(1, ge=1)
     kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = "auto"
-    compute_dtype: ComputeDtype = "auto"  # dtype GPTQModel loads and quantizes in; auto: bf16 on CPU
+    compute_dtype: ComputeDtype = Field(
+        "auto", description="Dtype GPTQModel loads and quantizes in on CPU; auto: bfloat16 (measured). "
+                            "CUDA: the library's choice")
 
     def default_max_ppl_increase_pct(self) -> float:
         """GPTQ is expected to stay within 3% of the fp baseline."""
