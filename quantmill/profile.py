@@ -16,15 +16,12 @@ from quantmill.errors import ProfileError
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class Strict(BaseModel):
-    """Base for profile sections: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-def plain_strings(schema: dict[str, Any], *fields: str) -> None:
-    """JSON schema: show these optional fields as plain text boxes (`type: string`), not a None-or-str toggle."""
-    for name in fields:
+def form_fields(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> None:
+    """JSON schema as a form: every field titled (pydantic leaves sections untitled), `plain` optional fields as
+    plain text boxes (`type: string`) rather than a None-or-str toggle."""
+    for name, prop in schema.get("properties", {}).items():
+        prop.setdefault("title", name.replace("_", " ").title())
+    for name in plain:
         prop = schema["properties"][name]
         prop.pop("anyOf", None)
         prop.pop("default", None)
@@ -33,9 +30,16 @@ def plain_strings(schema: dict[str, Any], *fields: str) -> None:
 
 def recipes_or_grid(schema: dict[str, Any]) -> None:
     """JSON schema: at least one recipe unless the profile has a non-empty sweep grid."""
+    form_fields(schema)
     grid = {"type": "object", "required": ["grid"], "properties": {"grid": {"type": "array", "minItems": 1}}}
     schema["if"] = {"required": ["sweep"], "properties": {"sweep": grid}}
     schema["else"] = {"required": ["recipes"], "properties": {"recipes": {"type": "array", "minItems": 1}}}
+
+
+class Strict(BaseModel):
+    """Base for profile sections: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: form_fields(schema))
 
 
 def expand(path: str) -> str:
@@ -50,7 +54,7 @@ def expand(path: str) -> str:
 class Source(Strict):
     """A Hugging Face repo id at a pinned revision, or a local directory."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: plain_strings(schema, "path"))
+    model_config = ConfigDict(json_schema_extra=lambda schema: form_fields(schema, plain=("path",)))
 
     repo_id: str | None = Field(None, description="Hugging Face repo id 'owner/name' (instead of `path`)")
     revision: str | None = Field(None, description="Commit sha or tag of `repo_id`, pinned for reproducible runs")
@@ -80,7 +84,7 @@ class Source(Strict):
 class TextSource(Strict):
     """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset."""
 
-    model_config = ConfigDict(json_schema_extra=lambda schema: plain_strings(schema, "path"))
+    model_config = ConfigDict(json_schema_extra=lambda schema: form_fields(schema, plain=("path",)))
 
     path: str | None = Field(None, description="Local .txt/.jsonl/.csv file (instead of `dataset`); ${VARS}, ~ expand")
     dataset: str | None = Field(None, description="Hugging Face dataset name (instead of `path`)")

@@ -176,7 +176,8 @@ def recipe_json_schema(handler: GetJsonSchemaHandler, common: dict[str, dict[str
         method = _METHODS[name]
         ref = handler(method.config_cls.__pydantic_core_schema__)
         options = handler.resolve_ref_schema(ref)
-        for option in options.get("properties", {}).values():
+        for key, option in options.get("properties", {}).items():
+            option.setdefault("title", key.replace("_", " ").title())  # pydantic leaves nested models untitled
             if "const" in option and "enum" not in option:  # a one-value Literal: a (one-entry) dropdown in the form
                 option["enum"] = [option["const"]]
         method_field = {"title": "Method", "description": f"Quantization method: {method.summary}",
