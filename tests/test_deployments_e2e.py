@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -59,7 +61,8 @@ def prefect_server(tmp_path: Path, ui: bool = False):
     port = free_port()
     log = tmp_path / "server.log"
     env = subprocess_env(tmp_path / "server-home", PREFECT_HOME=str(tmp_path / "server-prefect"),
-                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower())
+                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower(),
+                         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -253,3 +256,45 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     assert parent.data.tags["prefect.flow_run_id"] == run_id
     assert parent.data.params["profile.registry.model_name"] == name
     assert parent.data.tags["mlflow.runName"] == "deploy-e2e"
+
+
+def find_chromium() -> str | None:
+    """A Chromium binary (Debian's `chromium`, or one of its usual names)."""
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def chromium(browser: str, url: str, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url`, given 30 s of (virtual) time for the app to fetch and render."""
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--virtual-time-budget=30000", "--window-size=1400,7000", *args, url],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_custom_run_form_in_headless_chromium(tmp_path):
+    """The Custom run page of a real server (default UI): the method control and the chosen method's fields."""
+    from tasks.quantize import known_methods
+
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium found: install Debian's `chromium` (apt-get install -y chromium; .ci/run does)")
+    with prefect_server(tmp_path, ui=True) as api:
+        deploy_all(tmp_path, api, tmp_path / "deployer-home")
+        deployment = requests.get(f"{api}/deployments/name/quantize/quantize", timeout=30).json()
+        # The page with one recipe added to the form (what "Add item" under Recipes does): the form's default.
+        added = quote(json.dumps({"profile": {"recipes": [{}]}}))
+        url = f"{api.removesuffix('/api')}/v2/deployments/deployment/{deployment['id']}/run?parameters={added}"
+        shot = tmp_path / "custom-run.png"
+        assert chromium(browser, url, f"--screenshot={shot}").returncode == 0 and shot.stat().st_size > 0
+        dom = chromium(browser, url, "--dump-dom").stdout
+    tabs = re.findall(r'role="tab" aria-selected="(true|false)"[^>]*>([^<]*)</button>', dom)
+    methods = [(selected, label) for selected, label in tabs if label in known_methods()]
+    # The method control offers every registered method; the form's default (the first) is selected.
+    assert [label for _, label in methods] == known_methods() and {"gptq", "awq"} <= set(known_methods()), tabs
+    assert [label for selected, label in methods if selected == "true"] == [known_methods()[0]]
+    text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+    labels = re.findall(r"<label[^>]*>([^<]*)</label>", dom)
+    # ...and shows that method's own fields, labelled and described.
+    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Zero Point (Optional)", "Backend (Optional)",
+            "Recipes (Optional)", "Storage (Optional)"} <= set(labels), labels
+    assert "Bits (Optional) Bits per weight (AWQ is 4-bit)" in text and "desc_act" not in text, str(shot)
