@@ -29,8 +29,10 @@ def form_fields(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> None:
 
 
 def recipes_or_grid(schema: dict[str, Any]) -> None:
-    """JSON schema: at least one recipe unless the profile has a non-empty sweep grid."""
+    """JSON schema: `recipes` required (the form marks it so), with at least one unless a sweep grid is given."""
     form_fields(schema)
+    schema["required"].append("recipes")
+    schema["properties"]["recipes"]["minItems"] = 0  # [] beside a grid: the form keeps an empty required list
     grid = {"type": "object", "required": ["grid"], "properties": {"grid": {"type": "array", "minItems": 1}}}
     schema["if"] = {"required": ["sweep"], "properties": {"sweep": grid}}
     schema["else"] = {"required": ["recipes"], "properties": {"recipes": {"type": "array", "minItems": 1}}}

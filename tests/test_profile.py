@@ -133,8 +133,11 @@ def recipe_branches(schema: dict) -> dict[str, dict]:
 def test_schema_offers_every_registered_method_with_its_own_options():
     from tasks.quantize import known_methods
 
-    branches = recipe_branches(flow_schema())
+    schema = flow_schema()
+    branches = recipe_branches(schema)
     assert sorted(branches) == known_methods() and {"gptq", "awq", "rtn", "bnb-nf4"} <= set(branches)
+    required = set(schema["definitions"]["Profile"]["required"])
+    assert {"model", "calibration", "recipes", "evaluation", "registry"} <= required
     for name, branch in branches.items():
         assert branch["title"] == name and branch["required"][0] == "method"
         assert branch["properties"]["method"]["enum"] == [name]
@@ -163,7 +166,8 @@ def test_every_field_of_the_form_has_a_description():
 def test_usually_given_paths_are_plain_text_and_storage_keeps_its_placeholder(tmp_path, monkeypatch):
     schema = flow_schema()
     defs = schema["definitions"]
-    assert defs["Source"]["properties"]["path"]["type"] == "string" and "anyOf" not in defs["Source"]["properties"]["path"]
+    assert defs["Source"]["properties"]["path"] == {
+        "type": "string", "title": "Path", "description": defs["Source"]["properties"]["path"]["description"]}
     assert defs["TextSource"]["properties"]["path"]["type"] == "string"
     assert defs["Storage"]["properties"]["root"]["default"] == "${QUANTMILL_HOME}/artifacts"
     assert "default" not in defs["Profile"]["properties"]["storage"]  # no instance expanded where the schema is built
@@ -204,9 +208,10 @@ def test_schema_accepts_both_yaml_spellings_and_the_demo_profile(tmp_path):
                        {"method": "bnb-nf4", "compute_dtype": "float16"}]
     assert server_errors(data, schema) == []
     load_profile(write(tmp_path, data))
-    grid_only = {**base_profile(tmp_path), "sweep": {"grid": [{"methods": ["rtn"], "bits": [4, 8]}]}}
-    grid_only.pop("recipes")
+    grid_only = {**base_profile(tmp_path), "recipes": [], "sweep": {"grid": [{"methods": ["rtn"], "bits": [4, 8]}]}}
     assert server_errors(grid_only, schema) == []
+    load_profile(write(tmp_path, grid_only))
+    assert server_errors({**grid_only, "sweep": {"grid": []}}, schema) != []
     assert server_errors(yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text()), schema) == []
 
 
