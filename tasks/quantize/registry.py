@@ -169,7 +169,8 @@ def recipe_json_schema(handler: GetJsonSchemaHandler, common: dict[str, dict[str
     their types, bounds, enums, defaults and descriptions; `additionalProperties: false` refuses the rest.
     `params`, the same options as one nested object (as YAML profiles may write them), is accepted through
     `patternProperties`, so one schema validates both spellings while the form shows the inline one.
-    A newly registered method appears here without any change to the profile code.
+    A newly registered method appears here without any change to the profile code. `anyOf` rather than pydantic's
+    `oneOf`: Prefect's v1 UI renders only `anyOf` (v2 both); `discriminator` is an OpenAPI hint validators ignore.
     """
     branches = []
     for name in known_methods():
@@ -180,7 +181,7 @@ def recipe_json_schema(handler: GetJsonSchemaHandler, common: dict[str, dict[str
             option.setdefault("title", key.replace("_", " ").title())  # pydantic leaves nested models untitled
             if "const" in option and "enum" not in option:  # a one-value Literal: a (one-entry) dropdown in the form
                 option["enum"] = [option["const"]]
-        method_field = {"title": "Method", "description": f"Quantization method: {method.summary}",
+        method_field = {"title": "Method", "description": "Registered quantization method (the branch's title)",
                         "type": "string", "enum": [name], "const": name, "default": name}
         branches.append({
             "title": name, "description": method.summary, "type": "object",
