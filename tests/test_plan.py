@@ -60,6 +60,14 @@ print(json.dumps(out))
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prefect_ready():
+    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream (as test_bad_inputs)."""
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()
+
+
 def measure_steps(jobs: dict) -> dict[str, int]:
     """Run CHILD in a fresh interpreter (fixed malloc mmap threshold, so freed tensors leave RSS)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
