@@ -119,7 +119,10 @@ def hf_tensors(model_dir: Path, tied: bool):  # noqa: ANN201 - iterator of (name
 
 
 def pre_tokenizer_name(tok_json: dict) -> str:
-    """llama.cpp's name for the tokenizer's byte-level split (GPT-2's own regex, Llama-3's or Qwen2's)."""
+    """llama.cpp's name for the byte-level split of the tokenizer as transformers builds it (GPT-2, Llama-3, Qwen2).
+
+    Read from the loaded tokenizer, not tokenizer.json: e.g. Qwen2Tokenizer replaces the file's split by its own.
+    """
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
@@ -158,13 +161,13 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:  # noqa: AN
     """Tokenizer metadata (byte-level BPE as tokenizer.ggml.model=gpt2) and the chat template, if any."""
     from transformers import AutoTokenizer
 
-    tok_json = json.loads((Path(model_dir) / "tokenizer.json").read_text())
-    model = tok_json.get("model", {})
-    if model.get("type") != "BPE" or tok_json.get("decoder", {}).get("type") != "ByteLevel":
-        raise ValueError("gguf: only byte-level BPE tokenizers (tokenizer.json model BPE + ByteLevel decoder) "
-                         "are exported; this tokenizer is not one")
-    pre = pre_tokenizer_name(tok_json)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = tok_json.get("model", {})
+    if model.get("type") != "BPE" or (tok_json.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError("gguf: only byte-level BPE tokenizers (model BPE + ByteLevel decoder) are exported; "
+                         f"{type(tokenizer).__name__} of this model is not one")
+    pre = pre_tokenizer_name(tok_json)
     tokens, types = vocab_entries(tokenizer, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
