@@ -162,7 +162,7 @@ def gptq_int8(model: nn.Module, job: QuantizeJob, names: list[str]) -> dict[str,
         smoothed_dir, gptq_dir = Path(tmp) / "smoothed", Path(tmp) / "gptq"
         model.save_pretrained(smoothed_dir)
         copy_tokenizer(job.model_dir, smoothed_dir)
-        qcfg = QuantizeConfig(bits=8, group_size=-1, sym=True, desc_act=False, format="gptq",
+        qcfg = QuantizeConfig(bits=8, group_size=-1, sym=True, desc_act=False, act_group_aware=False, format="gptq",
                               device=gptqmodel_device(job.device))
         run_gptqmodel(replace(job, model_dir=smoothed_dir, out_dir=gptq_dir), qcfg, "gptq_torch", 1)
         out = {}
