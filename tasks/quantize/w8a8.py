@@ -222,7 +222,7 @@ def calibration_rows(job: QuantizeJob) -> torch.Tensor:
 @register_method("w8a8-int8", W8A8Int8Config, calibrated=True)
 def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
     """W8A8 int8 (SmoothQuant + per-channel int8 weights + static/dynamic int8 activations), compressed-tensors."""
-    model = load_fp_model(job.model_dir, job.device, torch.float32)
+    model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; statistics in fp32
     arch = (model.config.architectures or [type(model).__name__])[0]
     targets = target_linears(model, config.skip_modules)
     check_fused_groups(model, targets)
