@@ -263,8 +263,8 @@ def w8a8_reference(model_dir: Path, ckpt: Path, static: bool) -> torch.nn.Module
 
     def fake_quant(scale):  # noqa: ANN001, ANN202 - static per-tensor scale, or None for dynamic per-token
         def hook(_m, args):  # noqa: ANN001, ANN202
-            x = args[0]
-            s = scale if scale is not None else (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12)
+            x = args[0]  # dynamic symmetric int8 (compressed-tensors' calculate_qparams): absmax / (255 / 2)
+            s = scale if scale is not None else (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(1e-12)
             return (torch.round(x / s).clamp(-128, 127) * s,)
         return hook
 
