@@ -214,3 +214,9 @@ def test_hf_token_never_logged_or_tracked(tmp_path, profile, capsys, caplog, mon
         assert secret not in blob
     for mv in client.search_model_versions(f"name='{profile['registry']['model_name']}'"):
         assert secret not in str(mv.tags)
+
+
+def test_optional_autoround_missing(tmp_path, profile, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "auto_round", None)  # the optional extra is not installed
+    profile["recipes"][0] = {"method": "autoround", "bits": 4, "group_size": 64}
+    fails(tmp_path, profile, capsys, "recipes.0", "auto-round", "pip install")

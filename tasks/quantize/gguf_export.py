@@ -53,7 +53,7 @@ PRE_TOKENIZERS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 class GGUFConfig(MethodConfig):
     """GGUF file for llama.cpp: quant_type Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | BF16 for every 2-D weight."""
 
-    SWEEP_AXES: ClassVar[tuple[str, ...]] = ("quant_type",)
+    SWEEP_AXES: ClassVar[tuple[str, ...]] = ()  # no bits/group_size field: a grid block sets params.quant_type
     quant_type: QuantType = "Q8_0"
 
     @property

@@ -226,6 +226,9 @@ def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
     arch = (model.config.architectures or [type(model).__name__])[0]
     targets = target_linears(model, config.skip_modules)
     check_fused_groups(model, targets)
+    out_emb = model.get_output_embeddings()
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and out_emb in targets.values():
+        raise ValueError("skip_modules: lm_head is tied to the input embeddings; keep it (add 'lm_head')")
     rows = calibration_rows(job)
     job.progress(f"w8a8-int8: activation statistics on {rows.shape[0]} x {rows.shape[1]} calibration tokens")
     stats = activation_absmax(model, sorted(targets), rows)
