@@ -276,5 +276,5 @@ def export_gguf(config: GGUFConfig, job: QuantizeJob) -> QuantizeResult:
     """GGUF file (llama.cpp, Ollama, LM Studio): Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/BF16 weights, tokenizer + chat template."""
     job.out_dir.mkdir(parents=True, exist_ok=True)
     errors = write_gguf(job.model_dir, job.out_dir / GGUF_FILE, config.quant_type, job.progress)
-    extra = {"format": "gguf", "gguf_file": GGUF_FILE, "quant_type": config.quant_type}
+    extra = {"format": "gguf", "gguf_file": GGUF_FILE, "quant_type": config.quant_type, "bits": config.weight_bits}
     return QuantizeResult(quantized_modules=sorted(errors), kept_modules=[], layer_errors=errors, extra=extra)
