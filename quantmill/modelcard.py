@@ -42,8 +42,9 @@ def render(
     vllm_arg = f', quantization="{vllm_q}"' if vllm_q else ""
     gguf_file = ckpt.extra.get("gguf_file")  # a GGUF export: transformers' GGUF loader, and llama.cpp instead of vLLM
     load_kw = f', gguf_file="{gguf_file}"' if gguf_file else ""
+    vllm = f'```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```'
     serve = (f"With llama.cpp: `llama-cli -m path/to/this/folder/{gguf_file}` (or Ollama / LM Studio)." if gguf_file
-             else f'With vLLM (GPU):\n\n```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```')
+             else f"With vLLM (GPU):\n\n{vllm}")
     return f"""---
 library_name: transformers
 tags: [quantmill, quantized, {ckpt.method}]

@@ -9,7 +9,6 @@ against this test's own reference, and quality against RTN / the fp baseline.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch  # noqa: E402
 
 import tasks.quantize  # noqa: E402,F401  (registers every method)
+from quantmill.errors import QuantmillError  # noqa: E402
 from tasks.quantize import gguf_export, w8a8  # noqa: E402
 from tasks.quantize.common import model_info  # noqa: E402
 from tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
@@ -45,17 +45,21 @@ def test_names_gates_and_fields():
     assert build_config("w8a8-int8", {"activations": "dynamic", "smoothing_alpha": None, "weights": "gptq"}
                         ).variant_name() == "w8a8-int8-gptq-dynamic-nosmooth"
     assert build_config("autoround", {"bits": 2, "group_size": 32}).variant_name() == "autoround-w2g32"
-    assert [build_config("gguf", {"quant_type": t}).variant_name() for t in ("Q4_0", "BF16")] == ["gguf-q4-0", "gguf-bf16"]
+    names = [build_config("gguf", {"quant_type": t}).variant_name() for t in ("Q4_0", "BF16")]
+    assert names == ["gguf-q4-0", "gguf-bf16"]
     gates = {t: build_config("gguf", {"quant_type": t}).default_max_ppl_increase_pct() for t in GGUF_TYPES}
     assert gates == {"Q8_0": 2.0, "Q4_0": 5.0, "Q4_1": 5.0, "Q5_0": 5.0, "Q5_1": 5.0, "BF16": 1.0}
     assert build_config("w8a8-int8", {}).default_max_ppl_increase_pct() == 2.0
-    assert build_config("autoround", {}).default_max_ppl_increase_pct() == build_config("gptq", {}).default_max_ppl_increase_pct()
-    assert [build_config("gguf", {"quant_type": t}).weight_bits for t in ("Q8_0", "Q5_1", "Q4_0", "BF16")] == [8, 5, 4, 16]
-    for method, params, field in [("w8a8-int8", {"bits": 4}, "bits"), ("w8a8-int8", {"smoothing_alpha": 1.5}, "smoothing_alpha"),
-                                  ("w8a8-int8", {"activations": "token"}, "activations"), ("autoround", {"bits": 5}, "bits"),
-                                  ("autoround", {"iters": -1}, "iters"), ("gguf", {"quant_type": "Q6_K"}, "quant_type"),
-                                  ("gguf", {"bits": 4}, "unknown option")]:
-        with pytest.raises(Exception, match=field):
+    gptq_gate = build_config("gptq", {}).default_max_ppl_increase_pct()
+    assert build_config("autoround", {}).default_max_ppl_increase_pct() == gptq_gate
+    bits = [build_config("gguf", {"quant_type": t}).weight_bits for t in ("Q8_0", "Q5_1", "Q4_0", "BF16")]
+    assert bits == [8, 5, 4, 16]
+    bad = [("w8a8-int8", {"bits": 4}, "bits"), ("w8a8-int8", {"smoothing_alpha": 1.5}, "smoothing_alpha"),
+           ("w8a8-int8", {"activations": "token"}, "activations"), ("autoround", {"bits": 5}, "bits"),
+           ("autoround", {"iters": -1}, "iters"), ("gguf", {"quant_type": "Q6_K"}, "quant_type"),
+           ("gguf", {"bits": 4}, "unknown option")]
+    for method, params, field in bad:
+        with pytest.raises(QuantmillError, match=field):
             build_config(method, params)
 
 
@@ -112,7 +116,8 @@ def test_gguf_chat_template_and_metadata(demo_assets, tmp_path):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": template}))
     out = tmp_path / "out"
-    result = get_method("gguf").handler(build_config("gguf", {"quant_type": "Q8_0"}), QuantizeJob(src, out, None, "cpu"))
+    config = build_config("gguf", {"quant_type": "Q8_0"})
+    result = get_method("gguf").handler(config, QuantizeJob(src, out, None, "cpu"))
     assert sorted(p.name for p in out.iterdir()) == ["model.gguf"] and len(result.quantized_modules) == 30
     fields = GGUFReader(out / "model.gguf").fields
     text = lambda k: bytes(fields[k].parts[fields[k].data[0]]).decode()  # noqa: E731
@@ -243,7 +248,7 @@ def test_w8a8_checkpoint_layout_as_vllm_expects(assets, w8a8_runs):
             else:
                 assert t[f"{name}.input_scale"].shape == (1,) and t[f"{name}.input_scale"].item() > 0
         assert len(result.quantized_modules) == 28 and set(result.kept_modules) == {"lm_head", "model.embed_tokens"}
-        assert ("lm_head.weight" in t) != qwen2 and t["lm_head.weight" if not qwen2 else "model.embed_tokens.weight"].dtype == torch.float32
+        assert ("lm_head.weight" in t) != qwen2 and t["model.embed_tokens.weight"].dtype == torch.float32  # tied: once
         assert t["model.layers.0.self_attn.q_proj.weight"].shape == (128, 128)
         if qwen2:  # Qwen2's q/k/v bias stays in float beside the int8 weight
             assert t["model.layers.0.self_attn.k_proj.bias"].dtype == torch.float32
@@ -378,7 +383,8 @@ def test_autoround_2bit_beats_rtn_beyond_noise_and_reloads(assets, data, fp_logp
     rtn, _ = run("rtn", {"bits": 2, "group_size": 32}, assets, data, tmp_path / "rtn2")
     result, seconds = run("autoround", AUTOROUND, assets, data, tmp_path / "autoround")
     cfg = json.loads((tmp_path / "autoround" / "config.json").read_text())["quantization_config"]
-    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == ("gptq", 2, 32, True, False)
+    got = (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"])
+    assert got == ("gptq", 2, 32, True, False)
     assert cfg["provider"] == "auto-round" and len(result.quantized_modules) == 28
     assert cfg["modules_to_not_convert"] == result.kept_modules == ["lm_head", "model.embed_tokens"]
     models = {k: load_reference(assets.model_dir, tmp_path / k) for k in ("rtn2", "autoround")}

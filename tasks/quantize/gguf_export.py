@@ -209,7 +209,9 @@ def add_hparams(writer, cfg, name: str, file_type: int) -> None:  # noqa: ANN001
     writer.add_file_type(file_type)
 
 
-def gguf_tensor(name: str, w: torch.Tensor, quant_type: str, cfg) -> tuple[np.ndarray, object, float | None]:  # noqa: ANN001
+def gguf_tensor(
+    name: str, w: torch.Tensor, quant_type: str, cfg  # noqa: ANN001 - PretrainedConfig
+) -> tuple[np.ndarray, object, float | None]:
     """(array to write, its gguf type, relative error) of one HF tensor; 2-D weights get `quant_type`."""
     from gguf import GGMLQuantizationType, quants
 

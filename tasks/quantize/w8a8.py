@@ -88,7 +88,9 @@ class W8A8Int8Config(FixedBitsConfig):
 
 
 @torch.no_grad()
-def activation_absmax(model: nn.Module, names: list[str], rows: torch.Tensor, batch: int = 4) -> dict[str, torch.Tensor]:
+def activation_absmax(
+    model: nn.Module, names: list[str], rows: torch.Tensor, batch: int = 4
+) -> dict[str, torch.Tensor]:
     """Per input channel max |x| of each named linear over the calibration rows (fp32)."""
     stats: dict[str, torch.Tensor] = {}
 
@@ -183,7 +185,8 @@ def compressed_tensors_config(activations: str, ignore: list[str]) -> dict:
     """The `quantization_config` vLLM maps to CompressedTensorsW8A8Int8 (static per-tensor or dynamic per-token)."""
     def args(strategy: str, dynamic: bool) -> dict:
         return {"num_bits": 8, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": dynamic,
-                "group_size": None, "block_structure": None, "actorder": None, "observer": None if dynamic else "minmax"}
+                "group_size": None, "block_structure": None, "actorder": None,
+                "observer": None if dynamic else "minmax"}
 
     inputs = args("token", True) if activations == "dynamic" else args("tensor", False)
     group = {"targets": ["Linear"], "weights": args("channel", False), "input_activations": inputs,
