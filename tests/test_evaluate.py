@@ -315,6 +315,16 @@ def test_multiple_choice_accuracy_prefers_real_text(demo_assets, tmp_path):
         choice_accuracy(model, tokenizer, Evaluation.Accuracy(path=str(bad), labels=["yes", "no"]), "cpu")
 
 
+def test_model_card_says_what_the_perplexity_is_over(setup, variants):
+    from quantmill import modelcard
+
+    ckpt, result, _ = variants["light-noise"]
+    assert result.data == setup["data"].description() and result.data["preparation"]
+    card = modelcard.render("m", ckpt, result, setup["baseline"], setup["model"], setup["model"], None)
+    assert f"Perplexity: token-level exp(mean NLL) over {setup['data'].windows} windows of 256 tokens" in card
+    assert "text: one document read as is, tokenized once." in card
+
+
 def test_lm_eval_is_skipped_with_a_message_when_unavailable(caplog):
     with caplog.at_level(logging.WARNING, logger="quantmill.evaluate"):
         assert lm_eval_scores(None, None, Evaluation.LmEval(tasks=["hellaswag"]), 1) == {}
@@ -347,7 +357,12 @@ def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants,
     rows = [summary_row(ckpt, res, setup["baseline"], verdict, None) for ckpt, res, verdict in variants.values()]
     client = tracking.client()
     run_id = client.create_run(tracking.experiment_id("eval-report-test")).info.run_id
-    report = publish_report.fn(run_id, rows, setup["baseline"].metrics, "eval-report-test", "cpu")
+    report = publish_report.fn(run_id, rows, setup["baseline"].metrics, "eval-report-test", "cpu",
+                               evaluation=setup["data"].description())
+    windows = setup["data"].windows
+    said = (f"perplexity: token-level exp(mean NLL) over {windows} windows of 256 tokens, stride 256 "
+            f"({windows * 255} scored tokens) of {setup['data'].source}; text: one document read as is, tokenized once")
+    assert said in markdown(report)
 
     names = {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"report/comparison.json", "report/comparison.md", "report/ppl_vs_size.png"} <= names
