@@ -35,6 +35,7 @@ class RunSummary(BaseModel):
     rows: list[dict[str, Any]]
     aliases: dict[str, str]
     notes: list[str] = []
+    evaluation: dict[str, Any] = {}  # what the perplexity is over (EvalDataRef.description())
 
 
 class Shared(BaseModel):
@@ -115,7 +116,7 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes,
+        aliases=aliases, notes=notes, evaluation=s.data.description(),
     )
 
 

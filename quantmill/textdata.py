@@ -109,15 +109,6 @@ def renderer(source: TextSource, tokenizer, field: str):  # noqa: ANN001, ANN201
     return render
 
 
-def read_documents(source: TextSource, field: str, tokenizer=None, seed: int | None = None) -> list[str]:  # noqa: ANN001
-    """Every document of a source as text (chat rows rendered; needs the tokenizer then)."""
-    render = renderer(source, tokenizer, field)
-    docs = [render(row) for row in iter_rows(source, field, seed)]
-    if not any(d.strip() for d in docs):
-        raise QuantmillError(f"{field}: {source.label} contains no text; point at a non-empty source")
-    return docs
-
-
 def encode(tokenizer, text: str, special: bool) -> list[int]:  # noqa: ANN001
     """Token ids of `text` (`special`: with the tokenizer's own BOS/EOS additions, as `tokenizer(text)` does)."""
     return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
@@ -142,7 +133,8 @@ def token_stream(source: TextSource, field: str, tokenizer, max_tokens: int | No
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
     else:
-        ids = encode(tokenizer, "\n\n".join(rows), special=source.messages_field is None)
+        text = "\n\n".join(rows)
+        ids = encode(tokenizer, text, special=source.messages_field is None) if text.strip() else []
     if not ids:
         raise QuantmillError(f"{field}: {source.label} contains no text; point at a non-empty source")
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)

@@ -44,6 +44,7 @@ def mlflow_client(home: Path):
 def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
     home = tmp_path / "home"
     first = run_cli(home, "demo")
+    assert "perplexity: token-level exp(mean NLL) over 64 windows of 256 tokens, stride 256" in first.stdout
     client = mlflow_client(home)
     versions = client.search_model_versions("name='quantmill-demo'")
     assert len(versions) >= 3, first.stdout[-3000:]
