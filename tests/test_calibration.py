@@ -149,3 +149,20 @@ def test_profile_errors_name_the_field(calibration, message):
             "evaluation": {"source": {"path": "/e.txt"}}}
     with pytest.raises(ProfileError, match=message):
         parse_profile({**base, "calibration": calibration})
+
+
+def test_sensitivity_ignores_the_padding_of_samples(demo_assets, tmp_path):
+    """Mixed precision measures on calibration rows: a padded sample scores like the same tokens unpadded."""
+    from safetensors.torch import save_file
+
+    from tasks.quantize.sensitivity import measure_sensitivity
+
+    row = torch.arange(5, 25, dtype=torch.long)
+    padded = torch.cat([row, torch.full((12,), 7, dtype=torch.long)])[None]
+    save_file({"input_ids": padded, "attention_mask": (torch.arange(32) < 20).long()[None]}, str(tmp_path / "s.safetensors"))
+    save_file({"input_ids": row[None].contiguous()}, str(tmp_path / "p.safetensors"))
+    params = {"bits": 4, "group_size": 32, "sym": True, "samples": 1}
+    got = measure_sensitivity(demo_assets.model_dir, tmp_path / "s.safetensors", params, "cpu", progress=lambda _m: None)
+    want = measure_sensitivity(demo_assets.model_dir, tmp_path / "p.safetensors", params, "cpu", progress=lambda _m: None)
+    assert got.keys() == want.keys() and len(got) == 28
+    assert all(abs(got[k] - want[k]) <= 1e-6 + 1e-4 * want[k] for k in got), {k: (got[k], want[k]) for k in got}
