@@ -28,11 +28,11 @@ AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Pytho
 class AutoRoundConfig(GroupedConfig):
     """AutoRound: bits 2/3/4/8, group_size, sym, iters, lr (None = 1/iters), batch_size; GPTQ-format output."""
 
-    bits: Literal[2, 3, 4, 8] = 4
-    sym: bool = True
-    iters: int = Field(200, ge=0)  # tuning steps per block; 0 = AutoRound's RTN mode
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
+    sym: bool = Field(True, description="Symmetric quantization (no zero-point search)")
+    iters: int = Field(200, ge=0, description="Sign-gradient tuning steps per block; 0 = AutoRound's RTN mode")
+    lr: float | None = Field(None, gt=0, description="Learning rate of the rounding/clipping tuning; null = 1/iters")
+    batch_size: int = Field(8, ge=1, description="Calibration samples per tuning step")
 
     def default_max_ppl_increase_pct(self) -> float:
         """Same gate as GPTQ/AWQ: 3%."""
@@ -64,22 +64,34 @@ def run_auto_round(config: AutoRoundConfig, job: QuantizeJob, tmp: Path) -> Path
     from auto_round import AutoRound
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = torch.stack([r["input_ids"] for r in load_calibration(job.calibration)])
+    rows = [r["input_ids"] for r in load_calibration(job.calibration)]
+    seqlen = max(r.numel() for r in rows)  # shorter samples are right-padded and masked (AutoRound drops short rows)
+    pad = tokenizer_pad_id(job.model_dir)
+    dataset = [{"input_ids": torch.cat([r, r.new_full((seqlen - r.numel(),), pad)])[None],
+                "attention_mask": (torch.arange(seqlen) < r.numel()).long()[None]} for r in rows]
     on_cuda = job.device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float16 if on_cuda else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
     job.progress(f"autoround: {config.bits}-bit g{config.group_size}, {config.iters} iters on "
-                 f"{rows.shape[0]} x {rows.shape[1]} calibration tokens ({job.device})")
+                 f"{len(rows)} calibration samples of up to {seqlen} tokens ({job.device})")
     tuner = AutoRound(
         model, tokenizer, bits=config.bits, group_size=config.group_size, sym=config.sym, iters=config.iters,
-        lr=config.lr, nsamples=rows.shape[0], seqlen=rows.shape[1], batch_size=min(config.batch_size, rows.shape[0]),
-        dataset=[r[None] for r in rows], device_map=0 if on_cuda else "cpu", enable_torch_compile=on_cuda,
+        lr=config.lr, nsamples=len(rows), seqlen=seqlen, batch_size=min(config.batch_size, len(rows)),
+        dataset=dataset, device_map=0 if on_cuda else "cpu", enable_torch_compile=on_cuda,
     )
     tuner.quantize_and_save(str(tmp), format="auto_gptq")
     found = sorted({p.parent for p in tmp.rglob("config.json")})
     if len(found) != 1:
         raise RuntimeError(f"autoround: expected one exported checkpoint under {tmp}, found {len(found)}")
     return found[0]
+
+
+def tokenizer_pad_id(model_dir: Path) -> int:
+    """The pad id AutoRound masks out of its loss (it treats pad_token_id positions as padding); else EOS, else 0."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
 
 
 @register_method("autoround", AutoRoundConfig, calibrated=True)

@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from tasks.quantize.common import relative_error
 from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
@@ -54,7 +55,7 @@ class GGUFConfig(MethodConfig):
     """GGUF file for llama.cpp: quant_type Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | BF16 for every 2-D weight."""
 
     SWEEP_AXES: ClassVar[tuple[str, ...]] = ()  # no bits/group_size field: a grid block sets params.quant_type
-    quant_type: QuantType = "Q8_0"
+    quant_type: QuantType = Field("Q8_0", description="llama.cpp type of every 2-D weight (norms stay F32)")
 
     @property
     def weight_bits(self) -> int:

@@ -61,9 +61,12 @@ class W8A8Int8Config(FixedBitsConfig):
     """int8 weights per channel + int8 activations (static per tensor or dynamic per token), SmoothQuant smoothing."""
 
     BITS_HINT: ClassVar[str] = "for 4-bit weights use rtn, gptq, awq or autoround"
-    smoothing_alpha: float | None = Field(0.5, ge=0, le=1)  # migration strength; null = no smoothing
-    weights: Literal["rtn", "gptq"] = "rtn"
-    activations: Literal["static", "dynamic"] = "static"
+    smoothing_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="SmoothQuant migration strength (0.5-0.8 typical); null = no smoothing")
+    weights: Literal["rtn", "gptq"] = Field(
+        "rtn", description="int8 per-channel weights by round-to-nearest or GPTQ (GPTQModel, calibrated)")
+    activations: Literal["static", "dynamic"] = Field(
+        "static", description="int8 activations: static per-tensor scale from calibration, or dynamic per token")
 
     def variant_name(self) -> str:
         """w8a8-int8[-gptq][-dynamic][-nosmooth]."""
@@ -89,9 +92,9 @@ class W8A8Int8Config(FixedBitsConfig):
 
 @torch.no_grad()
 def activation_absmax(
-    model: nn.Module, names: list[str], rows: torch.Tensor, batch: int = 4
+    model: nn.Module, names: list[str], rows: torch.Tensor | list[torch.Tensor], batch: int = 4
 ) -> dict[str, torch.Tensor]:
-    """Per input channel max |x| of each named linear over the calibration rows (fp32)."""
+    """Per input channel max |x| of each named linear over the calibration rows (fp32); equal-length rows batched."""
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str):  # noqa: ANN202
@@ -103,8 +106,12 @@ def activation_absmax(
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
         device = next(model.parameters()).device
-        for chunk in rows.split(batch):
-            model(input_ids=chunk.to(device))
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for row in rows:
+            by_length.setdefault(row.shape[-1], []).append(row)
+        for same in by_length.values():
+            for chunk in torch.stack(same).split(batch):
+                model(input_ids=chunk.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -215,11 +222,11 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
         model.generation_config.save_pretrained(out_dir)
 
 
-def calibration_rows(job: QuantizeJob) -> torch.Tensor:
-    """The calibration input_ids [n, seq] the step tokenized."""
+def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
+    """The calibration input_ids the step tokenized, one 1-D row per sample (samples may differ in length)."""
     from tasks.quantize.gptq import load_calibration
 
-    return torch.stack([r["input_ids"] for r in load_calibration(job.calibration)])
+    return [r["input_ids"] for r in load_calibration(job.calibration)]
 
 
 @register_method("w8a8-int8", W8A8Int8Config, calibrated=True)
@@ -233,7 +240,8 @@ def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and out_emb in targets.values():
         raise ValueError("skip_modules: lm_head is tied to the input embeddings; keep it (add 'lm_head')")
     rows = calibration_rows(job)
-    job.progress(f"w8a8-int8: activation statistics on {rows.shape[0]} x {rows.shape[1]} calibration tokens")
+    job.progress(f"w8a8-int8: activation statistics on {len(rows)} calibration samples "
+                 f"({sum(r.numel() for r in rows)} tokens)")
     stats = activation_absmax(model, sorted(targets), rows)
     if config.smoothing_alpha is not None:
         stats |= smooth(model, arch, stats, config.smoothing_alpha)
