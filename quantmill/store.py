@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterator
 from quantmill.hashing import manifest_digest, manifest_of, stable_hash
 
 MANIFEST = ".manifest.json"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 log = logging.getLogger("quantmill.store")
 
 
@@ -192,6 +194,15 @@ class ArtifactStore:
             try:
                 record = build(staged)
                 art = self.commit(key, staged, record)
+            except OSError as exc:
+                if exc.errno not in DISK_ERRORS:
+                    raise
+                from quantmill.errors import PreflightError
+
+                raise PreflightError(
+                    f"storage.root: step {key.rsplit('-', 1)[0]} could not write {self.root}: {os.strerror(exc.errno)}; "
+                    "nothing was kept: free some space or point storage.root at a larger, writable disk"
+                ) from None
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             if self.url is not None:
