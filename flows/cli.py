@@ -103,7 +103,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from quantmill.profile import load_profile
 
-    recipes, skipped = load_profile(args.profile, args.set or []).all_recipes()
+    profile = load_profile(args.profile, args.set or [])
+    recipes, skipped = profile.all_recipes()
+    from tasks.preflight import local_input_problems
+
+    problems = local_input_problems(profile)  # paths, config.json, tokenizer, headers, text files: nothing loaded
+    if problems:
+        for line in problems[1:]:
+            print(f"error: {line}", file=sys.stderr)
+        raise QuantmillError(problems[0])
     print(f"{args.profile}: ok ({len(recipes)} recipes: {', '.join(r.name for r in recipes)})")
     for line in skipped:
         print(f"  skipped (sweep.grid): {line}")

@@ -18,7 +18,7 @@ from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
 from tasks.merge import merge
-from tasks.preflight import preflight
+from tasks.preflight import check_inputs, preflight
 from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
@@ -73,6 +73,7 @@ def prepare(profile: Profile) -> Shared:
     device = pick_device() if profile.device == "auto" else profile.device
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
+    check_inputs(profile)  # local inputs, writable folders, text lengths, disk: before download/merge and the MLflow run
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
