@@ -79,6 +79,8 @@ def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize"
     from quantmill.tracking import check_reachable
 
     check_reachable()
+    state.private_scratch()  # library temp folders (GPTQModel offload) under the state folder, swept when dead
+    state.guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
     _quiet_user_errors()
     from flows.pipeline import quantize_pipeline
     from flows.sweep import sweep

@@ -23,7 +23,7 @@ from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
-from tasks.track import log_lineage, log_results, start_run
+from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -124,7 +124,7 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
     return {k: f.result() for k, f in futures.items()}
 
 
-@flow(name="quantize", log_prints=True)
+@flow(name="quantize", log_prints=True, **RUN_HOOKS)  # the MLflow run ends FAILED/KILLED with the flow
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
     shared = prepare(profile)

@@ -345,3 +345,60 @@ def test_failed_run_ends_its_mlflow_run_failed(tmp_path, profile, capsys):
     assert runs[0].info.status == "FAILED"
     assert "differs from this model" in runs[0].data.tags["quantmill.error"]
     assert last.removeprefix("error: ") in runs[0].data.tags["quantmill.error"]
+
+
+def _can_mount() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root or user namespaces) "
+                                                          "to give storage.root a read-only or tiny filesystem")
+
+
+def fails_on_mount(tmp_path: Path, profile: dict, mount: str, *expected: str) -> str:
+    """Run the CLI in its own mount namespace where `mount` (shell, $M = tmp_path/mnt) ran first; assert one line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    mnt, home = tmp_path / "mnt", tmp_path / "home"
+    mnt.mkdir()
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    script = f'M="$0"; {mount} && exec "$@"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mnt), sys.executable, "-m", "flows.cli", "run",
+                           str(path)], cwd=REPO, env=subprocess_env(home), capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert lines[-1].startswith("error: "), proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    for piece in expected:
+        assert piece in lines[-1], lines[-1]
+    import mlflow
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    if (home / "mlflow.db").exists():
+        assert mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions() == []
+    return lines[-1]
+
+
+@needs_mount
+def test_storage_root_read_only(tmp_path, profile):
+    profile["storage"]["root"] = str(tmp_path / "mnt" / "store")
+    fails_on_mount(tmp_path, profile, 'mount -t tmpfs -o size=1m tmpfs "$M" && mount -o remount,ro,bind "$M"',
+                   "storage.root", str(tmp_path / "mnt" / "store"), "not writable", "Read-only file system")
+
+
+@needs_mount
+def test_disk_full_checked_before_download_and_merge(tmp_path, profile):
+    """A 256 KiB storage.root: the plan (headers) says the merged model alone will not fit, before anything runs."""
+    profile["storage"]["root"] = str(tmp_path / "mnt" / "store")
+    fails_on_mount(tmp_path, profile, 'mount -t tmpfs -o size=256k tmpfs "$M"', "storage.root", "bytes free",
+                   "needs about")
