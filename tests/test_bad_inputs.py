@@ -375,9 +375,9 @@ def fails_on_mount(tmp_path: Path, profile: dict, mount: str, *expected: str) ->
     script = f'M="$0"; {mount} && exec "$@"'
     proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mnt), sys.executable, "-m", "flows.cli", "run",
                            str(path)], cwd=REPO, env=subprocess_env(home), capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]  # the server's goodbye may follow
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert lines[-1].startswith("error: "), proc.stderr[-4000:]
+    assert len(lines) == 1, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     for piece in expected:
         assert piece in lines[-1], lines[-1]

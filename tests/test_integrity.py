@@ -167,8 +167,8 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     from safetensors.torch import save_file
 
     from quantmill import state
-    from tasks.quantize import build_config
-    from tasks.quantize.common import QuantizeJob
+    from tasks.quantize.registry import build_config
+    from tasks.quantize.registry import QuantizeJob
     from tasks.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
@@ -179,17 +179,18 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     save_file({"input_ids": torch.randint(0, 500, (4, 64))}, str(calib))
     seen: list[str] = []
     offload: list[str] = []
-    from gptqmodel import QuantizeConfig
+    import gptqmodel.quantization.config as gptq_config
 
-    original = QuantizeConfig._ensure_offload_temp_dir
+    original = gptq_config._create_temp_offload_dir
 
-    def spy(self):  # noqa: ANN001 - records where GPTQModel put its offload folder
-        original(self)
-        offload.append(str(self.offload_to_disk_path))
+    def spy():  # noqa: ANN202 - records where GPTQModel puts its offload folder
+        folder = original()
+        offload.append(folder.name)
+        return folder
 
-    monkeypatch.setattr(QuantizeConfig, "_ensure_offload_temp_dir", spy)
+    monkeypatch.setattr(gptq_config, "_create_temp_offload_dir", spy)
     job = QuantizeJob(Path(demo_assets.model_dir), tmp_path / "out", calib, "cpu", progress=seen.append)
     quantize_gptq(build_config("gptq", {"bits": 4, "group_size": 64}), job)
     assert seen[0].startswith("gptq: quantizing with 4 calibration samples"), seen
     assert not any("METHOD." in line for line in seen)
-    assert offload and all(p.startswith(str(scratch)) for p in offload if p != "None"), offload
+    assert offload and all(p.startswith(f"{scratch}/gptqmodel_") for p in offload), offload
