@@ -19,6 +19,14 @@ from quantmill.hashing import sha256_file
 from tests.conftest import model_cache
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prefect_ready():
+    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream."""
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from quantmill.demo import DemoSpec, build_demo_assets
