@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from tasks.quantize.common import (
@@ -37,8 +37,8 @@ class BnbInt8Config(FixedBitsConfig):
 
     FIXED_BITS: ClassVar[int] = 8
     BITS_HINT: ClassVar[str] = "for 4-bit use bnb-nf4 or bnb-fp4"
-    bits: int = 8
-    threshold: float = 6.0
+    bits: int = Field(8, description="Bits per weight, fixed by the method")
+    threshold: float = Field(6.0, description="Outlier threshold: activation columns above it run in fp16; 0: none")
 
     @field_validator("threshold")
     @classmethod
@@ -59,9 +59,10 @@ class Bnb4bitConfig(FixedBitsConfig):
     FIXED_BITS: ClassVar[int] = 4
     BITS_HINT: ClassVar[str] = "for 8-bit use bnb-int8; for 2/3-bit use rtn or gptq"
     QUANT_TYPE: ClassVar[str] = "nf4"
-    bits: int = 4
-    double_quant: bool = True
-    compute_dtype: ComputeDtype | None = None
+    bits: int = Field(4, description="Bits per weight, fixed by the method")
+    double_quant: bool = Field(True, description="Quantize the absmax scales too (about 0.4 bits per weight less)")
+    compute_dtype: ComputeDtype | None = Field(
+        None, description="Matmul dtype (default: float32 on CPU, bfloat16 or float16 on CUDA)")
 
     def default_max_ppl_increase_pct(self) -> float:
         """4-bit round-to-nearest: 5%."""

@@ -24,14 +24,15 @@ CPU_KERNELS = ("auto", "torch")
 class GPTQConfig(GPTQFamilyConfig):
     """GPTQ via GPTQModel: bits, group_size, desc_act (act-order), damp_percent, sym, true_sequential, kernel."""
 
-    desc_act: bool = False
+    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing activation size (g_idx)")
     # GPTQModel's group-aware reordering: act-order inside/among groups, un-permuted on save (trivial g_idx,
     # so the checkpoint stays desc_act=false); ignored with desc_act or per-channel.
-    act_group_aware: bool = True
-    damp_percent: float = Field(0.05, gt=0, lt=1)
-    true_sequential: bool = True
-    batch_size: int = Field(1, ge=1)
-    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = "auto"
+    act_group_aware: bool = Field(True, description="Group-aware act-order, undone on save (off with desc_act)")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal")
+    true_sequential: bool = Field(True, description="Quantize a block's linears one by one, each after the last")
+    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass")
+    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = Field(
+        "auto", description="GPTQModel kernel of the quantized layers (on CPU: auto or torch)")
 
     def default_max_ppl_increase_pct(self) -> float:
         """GPTQ is expected to stay within 3% of the fp baseline."""
