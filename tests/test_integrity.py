@@ -68,8 +68,17 @@ def test_merge_read_names_a_file_that_ends_early(tmp_path, tiny, strategy):
     assert str(weights) in str(err.value) and "short" in str(err.value)
 
 
-def test_full_disk_mid_step_names_step_and_folder(tmp_path):
-    """A real full filesystem (a 1 MiB tmpfs): one line naming the step and folder; nothing kept in the store."""
+WRITERS = {
+    "python": "(d / 'w.bin').write_bytes(b'x' * (4 << 20))",
+    "safetensors": "__import__('safetensors.torch').torch.save_file({'w': __import__('torch').zeros(1 << 20)}, str(d / 'w.safetensors'))",
+    "torch": "__import__('torch').save(__import__('torch').zeros(1 << 20), str(d / 'w.pt'))",
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_full_disk_mid_step_names_step_and_folder(tmp_path, writer):
+    """A real full filesystem (a 1 MiB tmpfs), whatever library writes: one line naming the step and folder;
+    nothing kept in the store."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs `unshare -m` and mount (root or user namespaces) for a tiny tmpfs")
     root = tmp_path / "mnt"
@@ -80,7 +89,7 @@ def test_full_disk_mid_step_names_step_and_folder(tmp_path):
         "from quantmill.errors import QuantmillError\n"
         "store = ArtifactStore(sys.argv[1])\n"
         "try:\n"
-        "    store.get_or_build('merge-0123456789abcdef01234567', lambda d: (d / 'w.bin').write_bytes(b'x' * (4 << 20)) and {})\n"
+        f"    store.get_or_build('merge-0123456789abcdef01234567', lambda d: {WRITERS[writer]} and {{}})\n"
         "except QuantmillError as exc:\n"
         "    print(exc)\n"
         "import os\n"
