@@ -61,15 +61,24 @@ def gptqmodel_device(device: str) -> str:
 
 
 def load_calibration(path: Path | None) -> list[dict[str, torch.Tensor]]:
-    """Calibration rows for GPTQModel: one {'input_ids', 'attention_mask'} dict per sample."""
+    """Calibration rows for GPTQModel: one {'input_ids', 'attention_mask'} dict per sample.
+
+    Packed windows are full rows; samples (an `attention_mask` in the file) are cut to their real tokens, so rows may
+    differ in length (GPTQModel pads each batch itself and masks the padding).
+    """
     if path is None:
         raise ValueError("this method needs calibration data (job.calibration is None)")
     from safetensors.torch import load_file
 
-    ids = load_file(str(path))["input_ids"]
+    data = load_file(str(path))
+    ids = data["input_ids"]
     if ids.dim() != 2 or ids.dtype != torch.int64:
         raise ValueError(f"{path}: input_ids must be int64 [num_samples, seq_len], got {ids.dtype} {list(ids.shape)}")
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    mask = data.get("attention_mask", torch.ones_like(ids))
+    if mask.shape != ids.shape:
+        raise ValueError(f"{path}: attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+    lengths = mask.sum(1).tolist()
+    return [{"input_ids": row[:n], "attention_mask": torch.ones(n, dtype=torch.long)} for row, n in zip(ids, lengths) if n]
 
 
 def parse_layer_errors(quant_log: Any, targets: list[str]) -> dict[str, float]:
