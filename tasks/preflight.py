@@ -145,10 +145,11 @@ def check_writable(path: Path, field: str) -> None:
 
 
 def check_texts(profile: Profile) -> None:
-    """Calibration and evaluation texts long enough for the profile, counted with the model's tokenizer alone."""
+    """Calibration and evaluation texts long enough for the profile, counted with the model's tokenizer alone
+    (prepared as the calibrate and eval-data steps prepare them, so they fail here with the same line)."""
     from transformers import AutoTokenizer
 
-    from quantmill.textdata import draw_windows, read_documents, tokenize_stream
+    from quantmill.textdata import draw_samples, draw_windows, token_stream
 
     model_dir, cal, ev = Path(profile.model.path), profile.calibration, profile.evaluation
     ctx = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
@@ -156,16 +157,18 @@ def check_texts(profile: Profile) -> None:
         raise QuantmillError(f"calibration.seq_len: {cal.seq_len} exceeds the model's context of {ctx} tokens; lower it")
     if ctx and ev.window and ev.window > ctx:
         raise QuantmillError(f"evaluation.window: {ev.window} exceeds the model's context of {ctx}; lower it")
-    tokenizer = None
+    if ev.source.path is None and cal.source.path is None:
+        return  # hub datasets: read by their steps (network), not twice
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if ev.source.path is not None:
-        docs = read_documents(ev.source, "evaluation.source")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if tokenize_stream(docs, tokenizer)[: ev.max_tokens].numel() < 2:
+        if token_stream(ev.source, "evaluation.source", tokenizer, ev.max_tokens).numel() < 2:
             raise QuantmillError(f"evaluation.source: {ev.source.label} has no usable text; add held-out text")
     if cal.source.path is not None:
-        docs = read_documents(cal.source, "calibration.source")
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
-        draw_windows(tokenize_stream(docs, tokenizer), cal.num_samples, cal.seq_len, cal.seed)
+        if cal.mode == "samples":
+            draw_samples(cal.source, "calibration.source", tokenizer, cal.num_samples, cal.seq_len, cal.seed)
+        else:
+            draw_windows(token_stream(cal.source, "calibration.source", tokenizer), cal.num_samples, cal.seq_len,
+                         cal.seed)
 
 
 def run_disk_needed(profile: Profile) -> int:
