@@ -19,12 +19,12 @@ from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
 from tasks.merge import merge
-from tasks.preflight import preflight
+from tasks.preflight import check_inputs, preflight
 from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
-from tasks.track import log_lineage, log_results, start_run
+from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -38,6 +38,7 @@ class RunSummary(BaseModel):
     notes: list[str] = []
     rss_bytes: dict[str, int] = {}  # process RSS before the variants and after each one (memory given back)
     peak_bytes: dict[str, int] = {}  # each step's peak process RSS (baseline included), as `quantmill plan` names it
+    evaluation: dict[str, Any] = {}  # what the perplexity is over (EvalDataRef.description())
 
 
 class Shared(BaseModel):
@@ -60,7 +61,7 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     """One line of the comparison table."""
     ppl, base = result.metrics["perplexity"], baseline.metrics["perplexity"]
     return {
-        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits"),
+        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
         "size_bytes": ckpt.size_bytes, "compression": baseline.metrics["size_bytes"] / max(ckpt.size_bytes, 1),
         "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), **{
             k: v for k, v in result.metrics.items() if k not in {"perplexity", "size_bytes", "nll"}
@@ -76,6 +77,7 @@ def prepare(profile: Profile, peaks: dict[str, int] | None = None) -> Shared:
     device = pick_device() if profile.device == "auto" else profile.device
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
+    check_inputs(profile)  # local inputs, writable folders, text lengths, disk: before download/merge and the MLflow run
     run_id = start_run(profile)
     base = download.with_options(**step_hooks("download", peaks))(profile.model, store)
     model = merge.with_options(**step_hooks("merge", peaks))(base, profile.adapter, store, profile.merge)
@@ -120,11 +122,13 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     aliases = promote(profile.registry)
     log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
     notes = [f"skipped (sweep.grid): {line}" for line in s.skipped] + [f"failed: {line}" for line in failed]
-    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes)
+    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes,
+                   evaluation=s.data.description())
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes, rss_bytes=rss_bytes or {}, peak_bytes=peak_bytes or {},
+        aliases=aliases, notes=notes, evaluation=s.data.description(), rss_bytes=rss_bytes or {},
+        peak_bytes=peak_bytes or {},
     )
 
 
@@ -133,7 +137,7 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
     return {k: f.result() for k, f in futures.items()}
 
 
-@flow(name="quantize", log_prints=True)
+@flow(name="quantize", log_prints=True, **RUN_HOOKS)  # the MLflow run ends FAILED/KILLED with the flow
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
     peaks: dict[str, int] = {}

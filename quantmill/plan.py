@@ -231,18 +231,24 @@ METHODS: dict[str, tuple[float, int, int | None]] = {
     "rtn": (2.0, 100 * MiB, None), "gptq": (2.0, 136 * MiB, None), "awq": (2.0, 136 * MiB, None),
     "bnb-int8": (1.0, 16 * MiB, 0), "bnb-nf4": (1.0, 16 * MiB, 0), "bnb-fp4": (1.0, 16 * MiB, 0),
     "dynamic-int8": (0.5, 4 * MiB, 0), "fp8": (0.5, 0, 0),
+    # w8a8-int8 keeps norms/embeddings in the load dtype; gguf streams tensors (F32 norms; its embeddings are
+    # quantized too, so this over-estimates); autoround is a GPTQ-format writer like gptq
+    "w8a8-int8": (1.0, 0, 0), "autoround": (2.0, 64 * MiB, None), "gguf": (0.5, 0, 4),
 }
 # The library a method's quantize step imports, and the one that loads its checkpoint for evaluation: imported
 # once, it stays in the process (later steps' baseline); methods sharing one are charged once.
 LIBRARY = {"rtn": "rtn", "gptq": "gptqmodel", "awq": "gptqmodel", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes",
            "bnb-fp4": "bitsandbytes", "dynamic-int8": "torchao", "fp8": ""}
-LOADER = {"rtn": "gptqmodel", "gptq": "gptqmodel", "awq": "gptqmodel"}
+LOADER = {"rtn": "gptqmodel", "gptq": "gptqmodel", "awq": "gptqmodel", "autoround": "gptqmodel"}
 # Steps' own first use (stays resident): the tokenizer stack the calibration step imports.
 STEP_LIBRARY_BYTES = {"tokenizers": 160 * MiB}
 # Evaluating a checkpoint on CPU: bytes per quantized parameter its kernels materialize beside the checkpoint
 # (dequantized weights; GPTQ's torch kernel, bnb's int8 fp16 cast), measured with benchmarks/scale.py.
-EVAL_DEQUANT = {"rtn": 3.0, "gptq": 3.0, "awq": 3.0, "bnb-int8": 2.4, "bnb-nf4": 1.5, "bnb-fp4": 1.5}
-
+EVAL_DEQUANT = {"rtn": 3.0, "gptq": 3.0, "awq": 3.0, "autoround": 3.0, "bnb-int8": 2.4, "bnb-nf4": 1.5,
+                "bnb-fp4": 1.5}
+# dtype a quantizer loads the full-precision model in on CPU: rtn fp32 (its math), GPTQModel the compute dtype
+# (bf16, tasks/quantize/gptq.py), bitsandbytes/torchao/fp8 the base dtype.
+CPU_LOAD_BYTES = {"rtn": 4, "gptq": 2, "awq": 2}
 
 
 def library_of(method: str, loading: bool = False) -> str:
@@ -255,9 +261,6 @@ def library_bytes(lib: str) -> int:
     if lib in STEP_LIBRARY_BYTES:
         return STEP_LIBRARY_BYTES[lib]
     return max((row[1] for m, row in METHODS.items() if library_of(m) == lib), default=0)
-# dtype a quantizer loads the full-precision model in on CPU: rtn fp32 (its math), GPTQModel the compute dtype
-# (bf16, tasks/quantize/gptq.py), bitsandbytes/torchao/fp8 the base dtype.
-CPU_LOAD_BYTES = {"rtn": 4, "gptq": 2, "awq": 2}
 
 
 def checkpoint_bytes(weights: Weights, method: str, bits: int, group_size: int | None, device: str) -> int:

@@ -84,7 +84,14 @@ class Source(Strict):
 
 
 class TextSource(Strict):
-    """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset."""
+    """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset, and how it becomes one token stream.
+
+    A .txt file is one document, read as it is. Rows (.jsonl/.csv lines, dataset rows) are joined with a blank line
+    (`join: blank_line`, the "\\n\\n".join(rows) of the GPTQ/AWQ papers' wikitext-2 protocol) and tokenized once;
+    `join: eos` tokenizes each non-empty row on its own and ends it with the end-of-sequence token (corpora of separate
+    documents). `messages_field` names a list of {role, content} messages per row, rendered with the model's chat
+    template (`tokenizer.apply_chat_template`) instead of reading `text_field`.
+    """
 
     model_config = ConfigDict(json_schema_extra=lambda schema: form_fields(schema, plain=("path",)))
 
@@ -93,6 +100,13 @@ class TextSource(Strict):
     config: str | None = Field(None, description="Dataset configuration name, if the dataset has several")
     split: str = Field("train", description="Dataset split to read")
     text_field: str = Field("text", description="Column holding the text (.jsonl/.csv files and datasets)")
+    messages_field: str | None = Field(
+        None, description="Column holding a list of {role, content} messages, rendered with the chat template")
+    join: Literal["blank_line", "eos"] = Field(
+        "blank_line", description='How rows become one text: joined with "\\n\\n" and tokenized once, or each + EOS')
+    data_files: str | list[str] | None = Field(None, description="Files of the dataset to read (hub datasets only)")
+    revision: str | None = Field(None, description="Commit sha or tag of the dataset, pinned like models")
+    streaming: bool = Field(False, description="Stream the dataset instead of downloading all of it")
 
     @model_validator(mode="after")
     def _one_of(self) -> "TextSource":
@@ -100,23 +114,63 @@ class TextSource(Strict):
             raise ValueError("give exactly one of 'path' (local .txt/.jsonl/.csv) or 'dataset' (hub dataset name)")
         if self.path is not None:
             self.path = expand(self.path)
-            if Path(self.path).suffix.lower() not in {".txt", ".jsonl", ".csv"}:
+            suffix = Path(self.path).suffix.lower()
+            if suffix not in {".txt", ".jsonl", ".csv"}:
                 raise ValueError(f"path {self.path!r}: use a .txt, .jsonl or .csv file")
+            hub_only = [k for k in ("data_files", "revision") if getattr(self, k) is not None] + (["streaming"] if self.streaming else [])
+            if hub_only:
+                raise ValueError(f"{hub_only[0]} applies to hub datasets ('dataset'), not to a local 'path'")
+            if self.messages_field is not None and suffix != ".jsonl":
+                raise ValueError(f"messages_field needs rows holding message lists: use a .jsonl file or a dataset, not {suffix}")
         return self
 
     @property
     def label(self) -> str:
         """Human-readable origin."""
-        return self.path or f"{self.dataset}/{self.config or ''}:{self.split}[{self.text_field}]"
+        if self.path:
+            return self.path
+        at = f"@{self.revision}" if self.revision else ""
+        return f"{self.dataset}{at}/{self.config or ''}:{self.split}[{self.messages_field or self.text_field}]"
+
+    @property
+    def is_one_document(self) -> bool:
+        """A .txt file: one document, read as it is."""
+        return bool(self.path) and Path(self.path).suffix.lower() == ".txt"
+
+    @property
+    def preparation(self) -> str:
+        """How the text becomes tokens, in words (recorded with calibration and evaluation data)."""
+        text = f"chat template over {self.messages_field!r}" if self.messages_field else "text"
+        if self.is_one_document:
+            return "one document read as is, tokenized once"
+        if self.join == "eos":
+            return f"rows ({text}) tokenized one by one, each followed by EOS"
+        return f'rows ({text}) joined with "\\n\\n", tokenized once'
 
 
 class Calibration(Strict):
-    """How calibration windows are drawn."""
+    """How calibration data is drawn.
+
+    `mode: packed` cuts `num_samples` non-overlapping windows of `seq_len` tokens (seeded) from the prepared stream;
+    `mode: samples` takes `num_samples` rows (shuffled with `seed`), each truncated to `seq_len`, shorter ones kept
+    as they are (padded, with attention masks). Chat data (`source.messages_field`) defaults to samples.
+    """
 
     source: TextSource = Field(description="Where the calibration text comes from")
-    num_samples: int = Field(64, gt=0, le=100_000, description="Calibration windows drawn from the text")
-    seq_len: int = Field(128, gt=0, description="Tokens per calibration window")
-    seed: int = Field(0, description="Random seed of the window draw (same seed, same windows)")
+    num_samples: int = Field(64, gt=0, le=100_000, description="Calibration windows (or samples) drawn from the text")
+    seq_len: int = Field(128, gt=0, description="Tokens per calibration window (at most, per sample)")
+    seed: int = Field(0, description="Random seed of the window draw or sample shuffle (same seed, same data)")
+    mode: Literal["packed", "samples"] | None = Field(
+        None, description="packed: windows of the joined text; samples: one row each, masked (default for chat data)")
+
+    @model_validator(mode="after")
+    def _mode(self) -> "Calibration":
+        if self.mode is None:
+            self.mode = "samples" if self.source.messages_field else "packed"
+        if self.mode == "samples" and self.source.is_one_document:
+            raise ValueError("mode 'samples' needs separate documents (.jsonl, .csv or a dataset); "
+                             "a .txt file is one document: use mode 'packed'")
+        return self
 
 
 class Gates(Strict):
@@ -457,4 +511,17 @@ def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = Non
             problem += f" ({ctx} at line {ctx_mark.line + 1})"
         raise ProfileError(f"{p}: YAML error at {where}: {problem}; fix the YAML syntax") from None
     data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
-    return parse_profile(data, str(p))
+    try:
+        return parse_profile(data, str(p))
+    except ProfileError as exc:
+        raise ProfileError(blame_override(str(exc), str(p), overrides or [])) from None
+
+
+def blame_override(message: str, source: str, overrides: list[str]) -> str:
+    """Name the `--set` whose field failed validation instead of the profile file it did not come from."""
+    field = message.removeprefix(f"{source}: ").split(": ", 1)[0]
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
+            return f"--set {item}: " + message.removeprefix(f"{source}: ")
+    return message

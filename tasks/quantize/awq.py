@@ -127,7 +127,7 @@ def _quantize_autoawq(config: AWQConfig, job: QuantizeJob) -> None:
                     "version": "GEMM"}
     job.progress(f"awq(autoawq): quantizing with {len(rows)} calibration samples")
     model.quantize(tokenizer, quant_config=quant_config, calib_data=rows, max_calib_samples=len(rows),
-                   max_calib_seq_len=len(rows[0]), apply_clip=config.clip_search, duo_scaling=config.duo_scaling)
+                   max_calib_seq_len=max(len(r) for r in rows), apply_clip=config.clip_search, duo_scaling=config.duo_scaling)
     model.save_quantized(str(job.out_dir))
 
 
