@@ -30,7 +30,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.quantize.common import FixedBitsConfig, copy_tokenizer, load_fp_model, relative_error, target_linears
+from tasks.quantize.common import (
+    FixedBitsConfig, base_dtype, copy_tokenizer, load_fp_model, relative_error, target_linears,
+)
 from tasks.quantize.fp8 import check_fused_groups
 from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
 
@@ -203,13 +205,15 @@ def compressed_tensors_config(activations: str, ignore: list[str]) -> dict:
             "sparsity_config": {}, "global_compression_ratio": None}
 
 
-def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path) -> None:
-    """model.safetensors (int8 linears + scales, the rest in the model dtype) and config.json with qcfg."""
+def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
+                    dtype: torch.dtype | None = None) -> None:
+    """model.safetensors (int8 linears + scales, the rest in `dtype`, default the model's) and config.json."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if k.removesuffix(".weight") not in quantized}
+    dtype = dtype or model.dtype
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items() if k.removesuffix(".weight") not in quantized}
     for name, tensors in quantized.items():
         state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
@@ -217,6 +221,8 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg["quantization_config"] = qcfg
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
@@ -251,7 +257,7 @@ def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
         q = gptq_int8(model, job, names)
     else:
         q = {n: quantize_int8_rows(targets[n].weight) for n in names}
-    dtype = model.dtype
+    dtype = base_dtype(job.model_dir) if job.device != "cuda" else model.dtype  # CPU: stats in fp32, saved as the base
     packed, errors = {}, {}
     for n in names:
         w8, scale = q[n]
@@ -261,7 +267,7 @@ def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
         errors[n] = relative_error(originals[n], w8.float() * scale)
     kept = sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
-    save_checkpoint(model, packed, compressed_tensors_config(config.activations, ignore), job.out_dir)
+    save_checkpoint(model, packed, compressed_tensors_config(config.activations, ignore), job.out_dir, dtype=dtype)
     copy_tokenizer(job.model_dir, job.out_dir)
     job.progress(f"w8a8-int8: {len(names)} linears int8 ({config.weights}), activations {config.activations}, "
                  f"smoothing alpha={config.smoothing_alpha}")
