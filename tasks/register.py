@@ -187,6 +187,10 @@ def _create_version(  # noqa: PLR0913
         description=modelcard.body(card),
     )
     client.set_tag(child, "model_version", str(mv.version))
+    # What mlflow.register_model records: the logged model shows as registered (the SQL registry keeps no
+    # model_id column; `source` = models:/<model_id> is the link MLflow's UI and loaders follow).
+    client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": str(mv.version)}])})
     return mv
 
 
