@@ -146,7 +146,8 @@ def register(
     digest = mlmodel.serving_digest(Path(ckpt.path))
     with registry_lock(name):
         try:
-            client.create_registered_model(name, description=f"Quantized variants of {base.source} (quantmill)")
+            client.create_registered_model(
+                name, description=f"Quantized variants of {mlmodel.public_label(base.source)} (quantmill)")
         except mlflow.exceptions.MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise

@@ -143,3 +143,23 @@ def test_version_from_previous_layout_is_recognised(tmp_path):
                                 tags={SHA_TAG: ckpt.sha256, "gate": "passed", "method": "rtn"})
     assert do_register(ckpt, reg, parent) == "1"
     assert len(client.search_model_versions(f"name='{reg.model_name}'")) == 1
+
+
+def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    name = registered["reg"].model_name
+    mv = registered["client"].get_model_version_by_alias(name, "champion")
+    monkeypatch.chdir(tmp_path)  # nothing may appear in the current directory
+    assert main(["generate", "--model", f"{name}@champion", "--text", "The for", "--max-new-tokens", "4"]) == 0
+    cache = state.home() / "pulled" / mv.tags[SHA_TAG]
+    assert (cache / "model.safetensors").is_file() and (state.home() / "locks" / f"pull-{mv.tags[SHA_TAG]}.lock").exists()
+    assert not (tmp_path / ".quantmill").exists()
+    first = capsys.readouterr().out
+    with open(cache / "model.safetensors", "r+b") as fh:  # damage the pulled copy: the next use fetches it again
+        fh.seek(200)
+        fh.write(b"\0" * 64)
+    assert main(["generate", "--model", f"{name}@champion", "--text", "The for", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == first and serving_digest(cache) == mv.tags[SHA_TAG]
+    assert main(["pull", f"{name}@champion", str(tmp_path / "copy")]) == 0
+    assert serving_digest(tmp_path / "copy") == mv.tags[SHA_TAG]

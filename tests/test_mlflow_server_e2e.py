@@ -115,7 +115,8 @@ def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedPro
 
 def consumer_env(root: Path, uri: str) -> dict[str, str]:
     """A consumer's environment: the tracking URI, no quantmill state, offline hub."""
-    return {"PATH": os.environ["PATH"], "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "HOME": str(root)}
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # as with the venv activated
+    return {"PATH": path, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "HOME": str(root)}
 
 
 @pytest.fixture(scope="module")
