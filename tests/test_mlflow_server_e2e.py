@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -113,9 +114,20 @@ def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedPro
     return run
 
 
+def script_dirs() -> list[str]:
+    """Where this environment's console scripts are (the interpreter's, and uvicorn's in a layered venv)."""
+    from importlib.metadata import distribution
+
+    dirs = [str(Path(sys.executable).parent)]
+    for f in distribution("uvicorn").files or []:
+        if f.name == "uvicorn" and f.parent.name == "bin":
+            dirs.append(str(Path(distribution("uvicorn").locate_file(f)).resolve().parent))
+    return dirs
+
+
 def consumer_env(root: Path, uri: str) -> dict[str, str]:
     """A consumer's environment: the tracking URI, no quantmill state, offline hub."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])  # as with the venv activated
+    path = os.pathsep.join([*script_dirs(), os.environ["PATH"]])  # as with the virtualenv activated
     return {"PATH": path, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "HOME": str(root)}
 
 
@@ -264,7 +276,8 @@ def test_mlflow_models_serve_answers_invocations(served):
         predictions = answer.json()["predictions"]
         assert len(predictions) == 2 and all(isinstance(p, str) and p for p in predictions)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # by PID: the group this test started (server and its workers)
+        with contextlib.suppress(ProcessLookupError):  # by PID: the group this test started (server, workers)
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
