@@ -35,6 +35,7 @@ class RunSummary(BaseModel):
     rows: list[dict[str, Any]]
     aliases: dict[str, str]
     notes: list[str] = []
+    evaluation: dict[str, Any] = {}  # what the perplexity is over (EvalDataRef.description())
 
 
 class Shared(BaseModel):
@@ -110,11 +111,12 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     aliases = promote(profile.registry)
     log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
     notes = [f"skipped (sweep.grid): {line}" for line in s.skipped] + [f"failed: {line}" for line in failed]
-    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes)
+    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes,
+                   evaluation=s.data.description())
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes,
+        aliases=aliases, notes=notes, evaluation=s.data.description(),
     )
 
 

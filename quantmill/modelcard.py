@@ -42,6 +42,18 @@ def body(card: str) -> str:
     return card
 
 
+def _evaluation_text(result: EvalRef) -> str:
+    """What the perplexity is over (source, text preparation, windows), when the evaluation says."""
+    from quantmill.mlmodel import public_label
+    from quantmill.report import evaluation_text
+
+    data = dict(result.data or {})
+    if data.get("source"):
+        data["source"] = public_label(str(data["source"]))  # a file name, never a machine path
+    text = evaluation_text(data)
+    return f"{text[0].upper()}{text[1:]}." if text else ""
+
+
 def render(
     model_name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef,
     calib_source: str | None,
@@ -90,6 +102,7 @@ Quantized modules: {len(ckpt.quantized_modules)}; kept in full precision: {", ".
 ## Evaluation
 
 Held-out evaluation windows digest `{result.eval_digest}`.
+{_evaluation_text(result)}
 
 {_table(metric_rows)}
 

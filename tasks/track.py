@@ -114,13 +114,14 @@ def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[
     child_run(client, run_id, exp, "merge", {"adapter": bool(model.merged), **tracking.flatten(merge_facts)},
               {"merged_sha256": model.sha256, "adapter_sha256": model.adapter_sha256 or ""}, {})
     cal = child_run(client, run_id, exp, "calibrate",
-                    {"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed, "source": calib.source},
+                    {"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed, "source": calib.source,
+                     "mode": calib.mode, "preparation": calib.preparation},
                     {"digest": calib.digest}, {})
     log_inputs = functools.partial(tracking.tolerating_races, client.log_inputs)  # one dataset row, many runs
     log_inputs(cal, [dataset_input("calibration", calib.source, calib.digest, "calibration")])
     log_inputs(run_id, [dataset_input("calibration", calib.source, calib.digest, "calibration"),
                         dataset_input("evaluation", data.source, data.digest, "evaluation")])
-    ev = child_run(client, run_id, exp, "evaluate/baseline", {"window": data.window, "source": data.source},
+    ev = child_run(client, run_id, exp, "evaluate/baseline", data.description(),
                    {"eval_digest": data.digest}, baseline.metrics)
     log_inputs(ev, [dataset_input("evaluation", data.source, data.digest, "evaluation")])
     for v in variants:
