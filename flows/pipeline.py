@@ -18,12 +18,12 @@ from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
 from tasks.merge import merge
-from tasks.preflight import preflight
+from tasks.preflight import check_inputs, preflight
 from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
-from tasks.track import log_lineage, log_results, start_run
+from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -58,7 +58,7 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     """One line of the comparison table."""
     ppl, base = result.metrics["perplexity"], baseline.metrics["perplexity"]
     return {
-        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits"),
+        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
         "size_bytes": ckpt.size_bytes, "compression": baseline.metrics["size_bytes"] / max(ckpt.size_bytes, 1),
         "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), **{
             k: v for k, v in result.metrics.items() if k not in {"perplexity", "size_bytes", "nll"}
@@ -74,6 +74,7 @@ def prepare(profile: Profile) -> Shared:
     device = pick_device() if profile.device == "auto" else profile.device
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
+    check_inputs(profile)  # local inputs, writable folders, text lengths, disk: before download/merge and the MLflow run
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
@@ -125,7 +126,7 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
     return {k: f.result() for k, f in futures.items()}
 
 
-@flow(name="quantize", log_prints=True)
+@flow(name="quantize", log_prints=True, **RUN_HOOKS)  # the MLflow run ends FAILED/KILLED with the flow
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
     shared = prepare(profile)

@@ -52,9 +52,16 @@ METHOD_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "bnb-fp4": ("bitsandbytes",),
     "dynamic-int8": ("torchao",),
     "fp8": ("compressed-tensors",),
+    "w8a8-int8": ("compressed-tensors",),
+    "autoround": ("gptqmodel", "optimum"),
+    "gguf": ("gguf",),
 }
 # Methods whose checkpoints MLflow's transformers flavor cannot load, with MLflow's reason (README lists them).
-TRANSFORMERS_FLAVOR_REJECTS: dict[str, str] = {}
+TRANSFORMERS_FLAVOR_REJECTS: dict[str, str] = {
+    "gguf": "mlflow.transformers loads `from_pretrained(<model folder>)` with no `gguf_file` argument, and a GGUF "
+            "export has no config.json or safetensors there (transformers: 'does not appear to have a file named "
+            "config.json')",
+}
 
 
 def scrub(value: Any, label: str) -> Any:
@@ -186,7 +193,6 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     from mlflow.models.utils import _save_example
     from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
 
-    config = json.loads((dest / "config.json").read_text())
     reqs = requirements(method)
     (dest / "requirements.txt").write_text("\n".join(reqs) + "\n")
     _PythonEnv(dependencies=["-r requirements.txt"]).to_yaml(str(dest / "python_env.yaml"))
@@ -203,6 +209,7 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     if method not in TRANSFORMERS_FLAVOR_REJECTS:
         import transformers
 
+        config = json.loads((dest / "config.json").read_text())
         model.add_flavor(
             "transformers", task="text-generation", instance_type="TextGenerationPipeline",
             pipeline_model_type=config["architectures"][0], source_model_name=label, model_binary=".",

@@ -17,6 +17,9 @@ LOADERS = {
     "bnb-fp4": (None, "pip install bitsandbytes"),
     "dynamic-int8": (None, "pip install torchao"),
     "fp8": ("compressed-tensors", "pip install compressed-tensors"),
+    "w8a8-int8": ("compressed-tensors", "pip install compressed-tensors"),
+    "autoround": ("gptq", "pip install gptqmodel optimum"),
+    "gguf": (None, "pip install gguf"),
 }
 
 
@@ -76,6 +79,11 @@ def render(
     lineage = [("base model", f"{label} (revision `{base.revision or 'local'}`)"), ("base_sha256", f"`{base.sha256}`")]
     if model.merged:
         lineage += [("adapter_sha256", f"`{model.adapter_sha256}`"), ("merged_sha256", f"`{model.sha256}`")]
+    gguf_file = ckpt.extra.get("gguf_file")  # a GGUF export: transformers' GGUF loader, and llama.cpp instead of vLLM
+    load_kw = f', gguf_file="{gguf_file}"' if gguf_file else ""
+    vllm = f'```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```'
+    serve = (f"With llama.cpp: `llama-cli -m path/to/this/folder/{gguf_file}` (or Ollama / LM Studio)." if gguf_file
+             else f"With vLLM (GPU):\n\n{vllm}")
     return f"""---
 library_name: transformers
 tags: [quantmill, quantized, {ckpt.method}]
@@ -120,14 +128,9 @@ or `quantmill pull {model_name}@champion ./model`):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load_kw})
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{load_kw})
 ```
 
-With vLLM (GPU):
-
-```python
-from vllm import LLM
-llm = LLM(model="path/to/this/folder"{vllm_arg})
-```
+{serve}
 """

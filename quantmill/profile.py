@@ -511,4 +511,17 @@ def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = Non
             problem += f" ({ctx} at line {ctx_mark.line + 1})"
         raise ProfileError(f"{p}: YAML error at {where}: {problem}; fix the YAML syntax") from None
     data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
-    return parse_profile(data, str(p))
+    try:
+        return parse_profile(data, str(p))
+    except ProfileError as exc:
+        raise ProfileError(blame_override(str(exc), str(p), overrides or [])) from None
+
+
+def blame_override(message: str, source: str, overrides: list[str]) -> str:
+    """Name the `--set` whose field failed validation instead of the profile file it did not come from."""
+    field = message.removeprefix(f"{source}: ").split(": ", 1)[0]
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
+            return f"--set {item}: " + message.removeprefix(f"{source}: ")
+    return message

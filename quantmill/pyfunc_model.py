@@ -32,10 +32,16 @@ class CompletionModel:
     """A causal LM and its tokenizer loaded from a checkpoint folder; greedy decoding per prompt."""
 
     def __init__(self, path: str) -> None:
+        from pathlib import Path
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        kwargs = {}
+        ggufs = sorted(p.name for p in Path(path).glob("*.gguf"))
+        if ggufs and not (Path(path) / "config.json").exists():  # a GGUF export: transformers' GGUF loader
+            kwargs["gguf_file"] = ggufs[0]
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
         """The completion (prompt excluded) of each prompt."""

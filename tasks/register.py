@@ -36,7 +36,7 @@ def version_tags(
         LAYOUT_TAG: mlmodel.LAYOUT,
         "variant": ckpt.name,
         "method": ckpt.method,
-        "bits": json.dumps(cfg.get("bits")),
+        "bits": json.dumps(cfg.get("bits", ckpt.extra.get("bits"))),  # gguf: from its type (extra)
         "group_size": json.dumps(cfg.get("group_size")),
         "method_config": json.dumps(cfg, sort_keys=True),
         "base_model": mlmodel.public_label(base.source),

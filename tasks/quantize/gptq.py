@@ -142,6 +142,11 @@ def target_and_kept(model_dir: Path) -> tuple[list[str], list[str]]:
     return sorted(targets), kept_module_names(model, targets)
 
 
+def method_name(qcfg) -> str:  # noqa: ANN001 - gptqmodel QuantizeConfig
+    """The method's plain name (`gptq`, `awq`) for log lines, not the enum's repr (`METHOD.GPTQ`)."""
+    return str(getattr(qcfg.method, "value", qcfg.method))
+
+
 def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = torch.float32) -> Any:
     """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
     gptqmodel_env()
@@ -151,7 +156,7 @@ def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtyp
     # CPU: use cpu_dtype (GPTQModel's CPU default is bf16); the device comes from qcfg.device, never load()
     dtype = "auto" if job.device == "cuda" else cpu_dtype
     model = GPTQModel.load(str(job.model_dir), qcfg, dtype=dtype)
-    job.progress(f"{qcfg.method}: quantizing with {len(calibration)} calibration samples on {job.device}")
+    job.progress(f"{method_name(qcfg)}: quantizing with {len(calibration)} calibration samples on {job.device}")
     quant_log = model.quantize(calibration, batch_size=batch_size, backend=kernel, calibration_sort=None)
     model.save(str(job.out_dir))
     return quant_log or getattr(model, "quant_log", None)
