@@ -163,3 +163,23 @@ def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, t
     assert capsys.readouterr().out == first and serving_digest(cache) == mv.tags[SHA_TAG]
     assert main(["pull", f"{name}@champion", str(tmp_path / "copy")]) == 0
     assert serving_digest(tmp_path / "copy") == mv.tags[SHA_TAG]
+
+
+def test_gguf_version_is_a_pyfunc_model_without_the_transformers_flavor(tmp_path):
+    from tasks.quantize.registry import QuantizeJob, build_config, get_method
+
+    src, out = next(model_cache().glob("llama-*/model")), tmp_path / "store" / "gguf-q8-0"
+    out.mkdir(parents=True)
+    get_method("gguf").handler(build_config("gguf", {"quant_type": "Q8_0"}), QuantizeJob(src, out, None, "cpu"))
+    ckpt = checkpoint_ref(out, "gguf-q8-0").model_copy(update={"method": "gguf", "calib_digest": None,
+                                                               "config": {"type": "gguf", "quant_type": "Q8_0"}})
+    reg = Registry(model_name=f"gguf-{uuid.uuid4().hex[:8]}")
+    parent = tracking.client().create_run(tracking.experiment_id(reg.model_name)).info.run_id
+    version = do_register(ckpt, reg, parent)
+    info = mlflow.models.get_model_info(f"models:/{reg.model_name}/{version}")
+    assert set(info.flavors) == {"python_function"}
+    assert "gguf==" in Path(mlflow.artifacts.download_artifacts(
+        f"models:/{reg.model_name}/{version}/requirements.txt", dst_path=str(tmp_path / "req"))).read_text()
+    [completion] = mlflow.pyfunc.load_model(f"models:/{reg.model_name}/{version}").predict(
+        ["The for statement"], params={"max_new_tokens": 4})
+    assert isinstance(completion, str) and completion
