@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from quantmill import __version__
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef
 
 LOADERS = {
@@ -28,11 +29,31 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def number(value: float) -> str:
+    """A metric for people: integers with thousands separators, others with 4 significant digits."""
+    if float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def body(card: str) -> str:
+    """The card without its YAML front matter (for places that render Markdown, e.g. a version description)."""
+    if card.startswith("---\n"):
+        end = card.find("\n---\n", 4)
+        if end != -1:
+            return card[end + 5:].lstrip("\n")
+    return card
+
+
 def _evaluation_text(result: EvalRef) -> str:
     """What the perplexity is over (source, text preparation, windows), when the evaluation says."""
+    from quantmill.mlmodel import public_label
     from quantmill.report import evaluation_text
 
-    text = evaluation_text(result.data)
+    data = dict(result.data or {})
+    if data.get("source"):
+        data["source"] = public_label(str(data["source"]))  # a file name, never a machine path
+    text = evaluation_text(data)
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
@@ -41,13 +62,23 @@ def render(
     calib_source: str | None,
 ) -> str:
     """Markdown model card: lineage, method, evaluation, and how to load it."""
+    from quantmill.mlmodel import public_label
+
+    label = public_label(base.source)
     vllm_q, extra_pip = LOADERS.get(ckpt.method, (None, ""))
     m, b = result.metrics, baseline.metrics
     delta = 100.0 * (m["perplexity"] / b["perplexity"] - 1.0)
     metric_rows = [("perplexity", f"{m['perplexity']:.4f} (baseline {b['perplexity']:.4f}, {delta:+.2f}%)"),
-                   ("size on disk", f"{ckpt.size_bytes} bytes (baseline {int(b.get('size_bytes', 0))})")]
-    metric_rows += [(k, f"{v:.6g}") for k, v in sorted(m.items()) if k not in {"perplexity", "size_bytes"}]
+                   ("size on disk", f"{number(ckpt.size_bytes)} bytes (baseline {number(b.get('size_bytes', 0))})")]
+    metric_rows += [(k, number(v)) for k, v in sorted(m.items()) if k not in {"perplexity", "size_bytes", "nll"}]
     vllm_arg = f', quantization="{vllm_q}"' if vllm_q else ""
+    if ckpt.calib_digest:
+        calibration = f"Calibration data: {public_label(calib_source or 'unknown')} (digest `{ckpt.calib_digest}`)."
+    else:
+        calibration = "Calibration data: none (this method does not use any)."
+    lineage = [("base model", f"{label} (revision `{base.revision or 'local'}`)"), ("base_sha256", f"`{base.sha256}`")]
+    if model.merged:
+        lineage += [("adapter_sha256", f"`{model.adapter_sha256}`"), ("merged_sha256", f"`{model.sha256}`")]
     gguf_file = ckpt.extra.get("gguf_file")  # a GGUF export: transformers' GGUF loader, and llama.cpp instead of vLLM
     load_kw = f', gguf_file="{gguf_file}"' if gguf_file else ""
     vllm = f'```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```'
@@ -56,13 +87,14 @@ def render(
     return f"""---
 library_name: transformers
 tags: [quantmill, quantized, {ckpt.method}]
-base_model: {base.source}
+base_model: {label}
 ---
 # {model_name}: {ckpt.name}
 
-Quantized with [quantmill](https://github.com/) from **{base.source}**
-(revision `{base.revision or 'local'}`, content sha256 `{base.sha256}`)
-{f"with a LoRA adapter merged in (adapter sha256 `{model.adapter_sha256}`, merged sha256 `{model.sha256}`)" if model.merged else "without an adapter"}.
+Quantized with quantmill {__version__} from **{label}**
+{"with a LoRA adapter merged in" if model.merged else "without an adapter"}.
+
+{_table(lineage)}
 
 ## Method
 
@@ -73,8 +105,7 @@ Quantized with [quantmill](https://github.com/) from **{base.source}**
 ```
 
 Quantized modules: {len(ckpt.quantized_modules)}; kept in full precision: {", ".join(ckpt.kept_modules) or "none"}.
-Calibration data: {calib_source or "none"} (digest `{ckpt.calib_digest or "-"}`).
-Checkpoint content sha256: `{ckpt.sha256}`.
+{calibration}
 
 ## Evaluation
 
@@ -86,14 +117,20 @@ Held-out evaluation windows digest `{result.eval_digest}`.
 ## Load it
 
 ```python
-# {extra_pip}
+# pip install -r requirements.txt   (pinned: {extra_pip.replace("pip install ", "") or "no extra package"})
+import mlflow
+model = mlflow.pyfunc.load_model("models:/{model_name}@champion")
+print(model.predict(["def main"]))          # completions
+```
+
+With transformers, from a downloaded copy (`mlflow.artifacts.download_artifacts("models:/{model_name}@champion")`
+or `quantmill pull {model_name}@champion ./model`):
+
+```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load_kw})
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{load_kw})
 ```
 
 {serve}
-
-From the registry: `quantmill pull {model_name}@champion ./model` or
-`mlflow.artifacts.download_artifacts("models:/{model_name}@champion")`.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import re
 import shutil
 import time
@@ -11,9 +12,11 @@ from pathlib import Path
 from quantmill import state, tracking
 from quantmill.errors import QuantmillError
 from quantmill.hashing import hash_tree
+from quantmill.mlmodel import serving_digest
 
 REF = re.compile(r"^(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))?$")
 SHA_TAG = "quantmill.checkpoint_sha256"
+LAYOUT_TAG = "quantmill.layout"
 
 
 @dataclass(frozen=True)
@@ -35,16 +38,30 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     return m["name"], alias, m["version"]
 
 
-def pull(ref: str, dest: Path) -> Pulled:
-    """Download a registered version's checkpoint into dest and verify its content hash."""
+def _version(ref: str):  # noqa: ANN202 - mlflow ModelVersion
     import mlflow
 
     name, alias, version = parse_ref(ref)
     client = tracking.client()
     try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except mlflow.exceptions.MlflowException as exc:
         raise QuantmillError(f"model reference {ref!r}: not in the registry at {state.tracking_uri()} ({exc.error_code})") from None
+
+
+def content_hash(path: Path, mv) -> str:  # noqa: ANN001
+    """A downloaded version's content hash, computed the way its layout defines it."""
+    if mv.tags.get(LAYOUT_TAG):
+        return serving_digest(path)
+    return hash_tree(path, skip=["README.md"])  # versions registered before MLflow-model layout
+
+
+def pull(ref: str, dest: Path) -> Pulled:
+    """Download a registered version's files into dest and verify its content hash."""
+    import mlflow
+
+    mv = _version(ref)
+    name = mv.name
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise QuantmillError(f"{dest}: destination is not empty; choose a new folder")
@@ -53,7 +70,7 @@ def pull(ref: str, dest: Path) -> Pulled:
     tmp.mkdir(parents=True)
     mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp))
     expected = mv.tags.get(SHA_TAG)
-    actual = hash_tree(tmp, skip=["README.md"])
+    actual = content_hash(tmp, mv)
     if expected and actual != expected:
         shutil.rmtree(tmp, ignore_errors=True)
         raise QuantmillError(f"{name}/{mv.version}: downloaded files do not match the registered sha256; retry the pull")
@@ -64,16 +81,28 @@ def pull(ref: str, dest: Path) -> Pulled:
 
 
 def local_or_pulled(model: str) -> Path:
-    """A local checkpoint folder as is, or a registry reference pulled into the state folder's cache."""
+    """A local checkpoint folder as is, or a registry reference pulled into the state folder's cache.
+
+    Pulled copies live in `<state folder>/pulled/<checkpoint sha256>` and are re-verified on every reuse.
+    """
     if Path(model).is_dir():
         return Path(model)
-    name, alias, version = parse_ref(model)
-    client = tracking.client()
-    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    cache = state.home() / "pulled" / f"{name}-{mv.version}"
-    if not (cache / "config.json").exists():
-        shutil.rmtree(cache, ignore_errors=True)
-        pull(f"{name}/{mv.version}", cache)
+    mv = _version(model)
+    sha = mv.tags.get(SHA_TAG)
+    if not sha:
+        raise QuantmillError(f"model reference {model!r}: version {mv.version} has no {SHA_TAG} tag; pull it with "
+                             "`quantmill pull` into a folder and pass the folder")
+    cache = state.home() / "pulled" / sha
+    lock = state.home() / "locks" / f"pull-{sha}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:  # two generate commands share one download
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if cache.is_dir():
+            if content_hash(cache, mv) == sha:
+                return cache
+            shutil.rmtree(cache)  # damaged or edited: fetch again
+        pull(f"{mv.name}/{mv.version}", cache)
     return cache
 
 

@@ -104,3 +104,51 @@ def tolerating_races(fn: Any, *args: Any, attempts: int = 4) -> Any:
                 raise
             time.sleep(0.2 + random.random() * 0.5)
     raise AssertionError("unreachable")
+
+
+# Metrics every variant's child run (and its logged model) carries, under the same names, so MLflow's run
+# comparison charts variants side by side. Evaluation metrics not listed here are logged too, by their own name.
+VARIANT_METRICS = ("perplexity", "ppl_delta_pct", "kl_mean", "top1_agreement", "latency_ms_p50", "latency_ms_p95",
+                   "latency_ms_p99", "peak_rss_bytes", "size_bytes", "compression")
+
+
+def variant_metrics(ckpt: Any, result: Any, baseline: Any) -> dict[str, float]:
+    """One variant's numbers against the baseline: evaluation metrics plus delta, size and compression."""
+    m, b = result.metrics, baseline.metrics
+    out = {k: float(v) for k, v in m.items() if k != "nll"}
+    out.update(ppl_delta_pct=100.0 * (m["perplexity"] / b["perplexity"] - 1.0), size_bytes=float(ckpt.size_bytes),
+               compression=float(b.get("size_bytes", 0.0)) / max(ckpt.size_bytes, 1))
+    return out
+
+
+def log_metrics(client: Any, run_id: str, metrics: dict[str, float], model_id: str | None = None) -> None:
+    """Log metrics on a run, linked to a logged model when model_id is given (MLflow 3)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0, model_id=model_id) for k, v in sorted(metrics.items())]
+    for i in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[i : i + 500])
+
+
+def variant_run(client: Any, parent: str, variant: str) -> str | None:
+    """The child run of `parent` holding `variant`'s numbers, if one was made (by the register step)."""
+    exp = client.get_run(parent).info.experiment_id
+    found = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and tags.`quantmill.variant` = '{variant}'")
+    return found[0].info.run_id if found else None
+
+
+def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: ANN001
+    """A finished child run under the pipeline's parent run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "mlflow.runName": name})
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
+import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,37 +13,37 @@ from typing import Any, Iterator
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from quantmill import modelcard, state, tracking
+from quantmill import mlmodel, modelcard, state, tracking
 from quantmill.caching import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Registry
 from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
-from quantmill.store import MANIFEST
 
-CODE_VERSION = "1"
-SHA_TAG = "quantmill.checkpoint_sha256"
+CODE_VERSION = "2"
+SHA_TAG = "quantmill.checkpoint_sha256"  # layout 2: serving_digest; older versions: hash of the whole folder
+LAYOUT_TAG = "quantmill.layout"
 
 
 def version_tags(
-    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None
+    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None,
+    digest: str,
 ) -> dict[str, str]:
-    """Tags every registered version carries (what, from where, how good)."""
+    """Tags every registered version carries (what, from where, how good): JSON or plain strings."""
     cfg = ckpt.config
     delta = 100.0 * (result.metrics["perplexity"] / baseline.metrics["perplexity"] - 1.0)
     return {
-        SHA_TAG: ckpt.sha256,
+        SHA_TAG: digest,
+        LAYOUT_TAG: mlmodel.LAYOUT,
         "variant": ckpt.name,
         "method": ckpt.method,
-        "bits": str(cfg.get("bits", ckpt.extra.get("bits", ""))),  # gguf: from its type (extra)
-        "group_size": str(cfg.get("group_size", "")),
-        "method_config": str(cfg),
-        "base_model": base.source,
+        "bits": json.dumps(cfg.get("bits", ckpt.extra.get("bits"))),  # gguf: from its type (extra)
+        "group_size": json.dumps(cfg.get("group_size")),
+        "method_config": json.dumps(cfg, sort_keys=True),
+        "base_model": mlmodel.public_label(base.source),
         "base_revision": str(base.revision or ""),
-        "base_sha256": base.sha256,
-        "adapter_sha256": str(model.adapter_sha256 or ""),
-        "merged_sha256": model.sha256 if model.merged else "",
-        "calibration_digest": str(ckpt.calib_digest or (calib.digest if calib else "")),
-        "calibration_used": str(ckpt.calib_digest is not None).lower(),
+        **lineage_hashes(base, model),
+        "calibration_digest": str(ckpt.calib_digest or ""),
+        "calibration_used": json.dumps(ckpt.calib_digest is not None),
         "eval_digest": result.eval_digest,
         "perplexity": f"{result.metrics['perplexity']:.6g}",
         "baseline_perplexity": f"{baseline.metrics['perplexity']:.6g}",
@@ -54,10 +53,31 @@ def version_tags(
     }
 
 
-def find_version(client, name: str, sha: str):  # noqa: ANN001, ANN201
-    """The READY version of `name` holding checkpoint `sha`, if any."""
+def lineage_hashes(base: ModelRef, model: ModelRef) -> dict[str, str]:
+    """Base, adapter and merged model hashes, each under its own name (tags, quantmill.json, card)."""
+    return {"base_sha256": base.sha256, "adapter_sha256": str(model.adapter_sha256 or ""),
+            "merged_sha256": model.sha256 if model.merged else ""}
+
+
+def published_sidecar(ckpt: CheckpointRef, base: ModelRef, model: ModelRef) -> dict[str, Any]:
+    """The checkpoint's quantmill.json as published: same hash names as the tags, no machine path."""
+    try:
+        sidecar = json.loads((Path(ckpt.path) / "quantmill.json").read_text())
+    except (OSError, ValueError):
+        sidecar = {"method": ckpt.method, "name": ckpt.name, "config": ckpt.config}
+    sidecar.pop("base_source", None)
+    sidecar.update(base_model=mlmodel.public_label(base.source), base_revision=base.revision, **lineage_hashes(base, model))
+    return sidecar
+
+
+def find_version(client, name: str, digest: str, legacy_sha: str | None = None):  # noqa: ANN001, ANN201
+    """The READY version of `name` holding this checkpoint: by serving digest, or (versions written before
+    layout 2) by the old whole-folder hash."""
     for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.tags.get(SHA_TAG) == sha and mv.status == "READY":
+        if mv.status != "READY":
+            continue
+        sha = mv.tags.get(SHA_TAG)
+        if sha == digest or (legacy_sha and LAYOUT_TAG not in mv.tags and sha == legacy_sha):
             return mv
     return None
 
@@ -67,7 +87,9 @@ def _verify(key: str, inputs: dict[str, Any]) -> str | None:
     if not inputs["verdict"].passed:
         return None
     try:
-        found = find_version(tracking.client(), inputs["registry"].model_name, inputs["ckpt"].sha256)
+        ckpt = inputs["ckpt"]
+        found = find_version(tracking.client(), inputs["registry"].model_name, mlmodel.serving_digest(Path(ckpt.path)),
+                             ckpt.sha256)
     except Exception:  # noqa: BLE001 - unknown model or unreachable store: recompute
         return "missing"
     return None if found else "missing"
@@ -87,20 +109,6 @@ def registry_lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def stage_with_card(ckpt: CheckpointRef, card: str, dest: Path) -> Path:
-    """The checkpoint's files (hard links where possible) plus README.md, ready to upload."""
-    for src in Path(ckpt.path).rglob("*"):
-        if src.is_file() and src.name != MANIFEST:
-            target = dest / src.relative_to(ckpt.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, target)
-            except OSError:
-                shutil.copy2(src, target)
-    (dest / "README.md").write_text(card)
-    return dest
 
 
 def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
@@ -135,30 +143,56 @@ def register(
         return None
     client = tracking.client()
     name = registry.model_name
+    digest = mlmodel.serving_digest(Path(ckpt.path))
     with registry_lock(name):
         try:
-            client.create_registered_model(name, description=f"Quantized variants of {base.source} (quantmill)")
+            client.create_registered_model(
+                name, description=f"Quantized variants of {mlmodel.public_label(base.source)} (quantmill)")
         except mlflow.exceptions.MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        existing = find_version(client, name, ckpt.sha256)
+        existing = find_version(client, name, digest, ckpt.sha256)
         if existing is not None:
             return str(existing.version)
-        tags = version_tags(ckpt, result, baseline, base, model, calib)
-        card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)
-        logged = client.create_logged_model(
-            tracking.experiment_id(name), name=ckpt.name, source_run_id=run_id, tags=tags,
-            params=tracking.flatten(ckpt.config), model_type="quantized-causal-lm",
-        )
-        with tempfile.TemporaryDirectory(dir=state.home()) as tmp:
-            client.log_model_artifacts(logged.model_id, str(stage_with_card(ckpt, card, Path(tmp))))
-        client.finalize_logged_model(logged.model_id, "READY")
-        mv = client.create_model_version(
-            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id,
-            description=f"{ckpt.method} variant {ckpt.name} of {base.source}",
-        )
-    emit("quantmill.model.registered", name, str(mv.version), {"variant": ckpt.name, "sha256": ckpt.sha256})
+        mv = _create_version(client, name, ckpt, result, baseline, base, model, calib, run_id, digest)
+    emit("quantmill.model.registered", name, str(mv.version), {"variant": ckpt.name, "sha256": digest})
     return str(mv.version)
+
+
+def _create_version(  # noqa: PLR0913
+    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001
+    model: ModelRef, calib: CalibRef | None, run_id: str, digest: str,
+):  # noqa: ANN202 - mlflow ModelVersion
+    """Variant child run -> logged model (metrics, params, MLflow model files) -> model version."""
+    tags = version_tags(ckpt, result, baseline, base, model, calib, digest)
+    card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)
+    metrics = tracking.variant_metrics(ckpt, result, baseline)
+    exp = client.get_run(run_id).info.experiment_id
+    child = tracking.child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
+                               {"quantmill.variant": ckpt.name, "gate": "passed"}, {})
+    params = {"method": ckpt.method, "method_config": json.dumps(ckpt.config, sort_keys=True),
+              **tracking.flatten(ckpt.config, "config.")}
+    logged = client.create_logged_model(exp, name=ckpt.name, source_run_id=child, tags=tags, params=params,
+                                        model_type="quantized-causal-lm")
+    tracking.log_metrics(client, child, metrics, model_id=logged.model_id)
+    with tempfile.TemporaryDirectory(dir=state.home()) as tmp:
+        staged = mlmodel.stage_version(
+            Path(ckpt.path), Path(tmp) / "version", method=ckpt.method, label=mlmodel.public_label(base.source),
+            card=card, sidecar=published_sidecar(ckpt, base, model), run_id=child, model_id=logged.model_id,
+        )
+        how = mlmodel.publish(client, logged.model_id, logged.artifact_location, staged)
+    client.set_logged_model_tags(logged.model_id, {"quantmill.stored": how})
+    client.finalize_logged_model(logged.model_id, "READY")
+    mv = client.create_model_version(
+        name, source=f"models:/{logged.model_id}", run_id=child, tags=tags, model_id=logged.model_id,
+        description=modelcard.body(card),
+    )
+    client.set_tag(child, "model_version", str(mv.version))
+    # What mlflow.register_model records: the logged model shows as registered (the SQL registry keeps no
+    # model_id column; `source` = models:/<model_id> is the link MLflow's UI and loaders follow).
+    client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": json.dumps(
+        [{"name": name, "version": str(mv.version)}])})
+    return mv
 
 
 def _alias(text: str) -> str:

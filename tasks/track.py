@@ -18,6 +18,7 @@ import quantmill
 from quantmill import state, tracking
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Profile
+from quantmill.tracking import child_run
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gptqmodel", "torchao", "prefect", "mlflow")
 
@@ -187,18 +188,8 @@ def get_run_logger_or_none(message: str) -> None:
 
 @task(name="log-results", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
 def log_results(run_id: str, rows: list[dict[str, Any]], status: str = "FINISHED") -> None:
-    """Log per-variant metrics and the comparison table, then close the run."""
-    from mlflow.entities import Metric
-
+    """Log the comparison table (per-variant metrics live on the variants' child runs), then close the run."""
     client = tracking.client()
-    metrics = []
-    now = int(time.time() * 1000)
-    for row in rows:
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                metrics.append(Metric(f"{row['variant']}.{k}", float(v), now, 0))
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i : i + 500])
     client.log_text(run_id, json.dumps(rows, indent=2, default=str), "report/variants.json")
     client.set_terminated(run_id, status)
 
@@ -229,22 +220,6 @@ def dataset_input(name: str, source: str, digest: str, context: str):  # noqa: A
         src = HuggingFaceDatasetSource(path=source.split(":")[0].rstrip("/"))
     ds = MetaDataset(source=src, name=name, digest=digest[:36])
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-
-
-def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: ANN001
-    """A finished child run under the pipeline's parent run."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "mlflow.runName": name})
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run.info.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-        tags=[RunTag(k, str(v)) for k, v in tags.items()],
-    )
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
 
 
 @task(name="log-lineage", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
@@ -284,9 +259,15 @@ def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[
                    "quantized_modules": len(ckpt.quantized_modules)},
                   {**{f"layer_error.{k}": e for k, e in list(ckpt.layer_errors.items())[:500]},
                    "size_bytes": ckpt.size_bytes})
-        child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
-                  {"gate": "passed" if verdict.passed else "failed", "gate_reasons": "; ".join(verdict.reasons),
-                   "model_version": v.get("version") or ""}, result.metrics)
+        gate_tags = {"gate": "passed" if verdict.passed else "failed", "gate_reasons": "; ".join(verdict.reasons),
+                     "model_version": v.get("version") or ""}
+        registered = tracking.variant_run(client, run_id, ckpt.name)  # the register step made it (version's run)
+        if registered:
+            for k, val in gate_tags.items():
+                client.set_tag(registered, k, str(val))
+        else:
+            child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
+                      {"quantmill.variant": ckpt.name, **gate_tags}, tracking.variant_metrics(ckpt, result, baseline))
     create_link_artifact(
         key="mlflow-run", link=f"{state.tracking_uri()}#/experiments/{exp}/runs/{run_id}",
         link_text=f"MLflow run {run_id}", description="The pipeline's MLflow run (lineage, metrics, report)",

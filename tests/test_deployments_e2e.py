@@ -252,7 +252,7 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     assert champion.tags["method"] == "bnb-int8" and champion.tags["gate"] == "passed"
     versions = client.search_model_versions(f"name = '{name}'")
     assert [v.version for v in versions] == [champion.version]
-    parent = client.get_run(champion.run_id)
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])  # via the variant run
     assert parent.data.tags["prefect.flow_run_id"] == run_id
     assert parent.data.params["profile.registry.model_name"] == name
     assert parent.data.tags["mlflow.runName"] == "deploy-e2e"

@@ -56,14 +56,15 @@ def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
         assert t["gate"] == "passed" and t["method"] in {"rtn", "bnb-int8", "bnb-nf4", "dynamic-int8"}
         assert t["base_sha256"] == base_sha and t["adapter_sha256"] == adapter_sha
         assert t["merged_sha256"] and t["merged_sha256"] != base_sha
-        assert len(t["calibration_digest"]) == 64
+        assert len(t["calibration_digest"]) == (64 if t["calibration_used"] == "true" else 0)
         assert t["bits"] in {"4", "8"}
         delta = 100 * (float(t["perplexity"]) / float(t["baseline_perplexity"]) - 1)
         assert abs(delta - float(t["ppl_delta_pct"])) < 1e-3
         assert float(t["ppl_delta_pct"]) <= 5.0
-        run = client.get_run(mv.run_id)
-        assert run.data.metrics[f"{t['variant']}.perplexity"] == pytest.approx(float(t["perplexity"]), rel=1e-5)
-        assert run.data.metrics[f"{t['variant']}.size_bytes"] == float(t["size_bytes"])
+        variant_run = client.get_run(mv.run_id)  # the variant's child run
+        assert variant_run.data.metrics["perplexity"] == pytest.approx(float(t["perplexity"]), rel=1e-5)
+        assert variant_run.data.metrics["size_bytes"] == float(t["size_bytes"])
+        run = client.get_run(variant_run.data.tags["mlflow.parentRunId"])
     assert run.data.params["profile.registry.model_name"] == "quantmill-demo"
     baseline_run = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
                                       "and tags.mlflow.runName = 'evaluate/baseline'")[0]

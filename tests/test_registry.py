@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -11,20 +12,32 @@ import pytest
 
 from quantmill import tracking
 from quantmill.hashing import hash_tree
+from quantmill.mlmodel import serving_digest
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
 from tasks.register import SHA_TAG, promote, register
+from tests.conftest import model_cache
+
+ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4"}  # short variant names -> method
+TEMPLATE = next(model_cache().glob("llama-*/model"))  # the cached demo Llama (config, tokenizer)
 
 
-def fake_checkpoint(root: Path, name: str, payload: str, size_pad: int = 0) -> CheckpointRef:
-    """A small checkpoint folder and its reference."""
+def fake_checkpoint(root: Path, name: str, payload: str, size_pad: int = 0, template: Path = TEMPLATE) -> CheckpointRef:
+    """A small checkpoint folder (a real config and tokenizer, made-up weights) and its reference."""
     d = root / name
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"name": name}))
+    config = json.loads((template / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "_name_or_path": str(d)}))  # where it was written
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(template / f, d / f)
     (d / "model.safetensors").write_text(payload + "x" * size_pad)
+    return checkpoint_ref(d, name)
+
+
+def checkpoint_ref(d: Path, name: str) -> CheckpointRef:
     size = sum(p.stat().st_size for p in d.iterdir())
     return CheckpointRef(
-        name=name, method=name.split("-")[0], config={"type": "rtn", "version": 1, "bits": 4, "group_size": 32},
+        name=name, method=ALIASES.get(name.split("-")[0], name.split("-")[0]), config={"type": "rtn", "version": 1, "bits": 4, "group_size": 32},
         path=str(d), sha256=hash_tree(d), size_bytes=size, base_sha256="b" * 64, calib_digest="c" * 64,
         store_key=f"quantize-{name}",
     )
@@ -64,10 +77,12 @@ def test_same_checkpoint_registers_once_with_files_and_card(tmp_path, registry, 
     assert v1 == v2 == "1"
     client = tracking.client()
     [mv] = client.search_model_versions(f"name='{registry.model_name}'")
-    assert mv.tags[SHA_TAG] == ckpt.sha256 and mv.tags["base_model"] == "org/base"
+    assert mv.tags[SHA_TAG] == serving_digest(Path(ckpt.path)) and mv.tags["base_model"] == "org/base"
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/1", dst_path=str(tmp_path / "dl")))
-    assert sorted(p.name for p in files.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert hash_tree(files, skip=["README.md"]) == ckpt.sha256
+    names = {p.name for p in files.iterdir()}
+    assert {"README.md", "MLmodel", "config.json", "model.safetensors", "tokenizer.json", "quantmill.json"} <= names
+    assert (files / "model.safetensors").read_bytes() == Path(ckpt.path, "model.safetensors").read_bytes()
+    assert json.loads((files / "config.json").read_text())["_name_or_path"] == "org/base"  # no machine path
     card = (files / "README.md").read_text()
     assert "org/base" in card and "from_pretrained" in card and "vllm" in card.lower()
 
@@ -93,7 +108,7 @@ def test_failure_inside_register_then_rerun_leaves_one_complete_version(tmp_path
     versions = tracking.client().search_model_versions(f"name='{registry.model_name}'")
     assert len(versions) == 1
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}/1", dst_path=str(tmp_path / "dl")))
-    assert hash_tree(files, skip=["README.md"]) == ckpt.sha256
+    assert serving_digest(files) == versions[0].tags[SHA_TAG] == serving_digest(Path(ckpt.path))
 
 
 @pytest.mark.parametrize("objective, winner", [("smallest_size", "nf4-small"), ("lowest_perplexity", "int8-best")])
@@ -108,7 +123,7 @@ def test_champion_rule(tmp_path, registry, run_id, objective, winner):
     champ = client.get_model_version_by_alias(reg.model_name, "champion")
     assert champ.tags["variant"] == winner and aliases["champion"] == str(champ.version)
     assert client.get_model_version_by_alias(reg.model_name, "candidate-rtn").tags["variant"] == "rtn-mid"
-    assert client.get_model_version_by_alias(reg.model_name, "candidate-int8").tags["variant"] == "int8-best"
+    assert client.get_model_version_by_alias(reg.model_name, "candidate-bnb-int8").tags["variant"] == "int8-best"
 
     client.delete_model_version(reg.model_name, champ.version)  # champion never left dangling
     aliases = promote.fn(reg)

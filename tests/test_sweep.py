@@ -88,7 +88,7 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
     client = mlflow_client(home)
     versions = client.search_model_versions(f"name='{name}'")
     evaluated = {mv.tags["variant"] for mv in versions}
-    run = client.get_run(versions[0].run_id)
+    run = client.get_run(client.get_run(versions[0].run_id).data.tags["mlflow.parentRunId"])  # version -> variant run -> parent
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path))).read_text())
     rows = {r["variant"]: r for r in report["rows"][1:]}
     assert set(rows) == {"rtn-w4g64", "rtn-w8g64", "bnb-int8", "bnb-nf4"}
@@ -142,7 +142,7 @@ def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broke
     versions = client.search_model_versions(f"name='{name}'")
     assert [mv.tags["variant"] for mv in versions] == ["rtn-w8g64"]
     assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
-    run = client.get_run(versions[0].run_id)
+    run = client.get_run(client.get_run(versions[0].run_id).data.tags["mlflow.parentRunId"])  # version -> variant run -> parent
     report = json.loads(Path(client.download_artifacts(run.info.run_id, "report/comparison.json", str(tmp_path))).read_text())
     assert [r["variant"] for r in report["rows"][1:]] == ["rtn-w8g64"]
     skipped, failed = report["notes"]
