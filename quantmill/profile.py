@@ -188,6 +188,7 @@ class Storage(Strict):
     """Artifact store root: a local folder or an fsspec URL (s3://, gs://, file://...) shared by workers."""
 
     root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True)
+    keep: Literal["all", "registered"] = "all"  # registered: drop unregistered variants' checkpoints when a run ends
 
     @field_validator("root")
     @classmethod
@@ -214,8 +215,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        from tasks.quantize import build_config
+        from tasks.quantize import build_config, get_method
 
+        self.method = get_method(self.method).name  # an alias (e.g. bnb-4bit) is recorded as its canonical name
         config = build_config(self.method, self.params)
         self.params = config.model_dump(mode="json")
         if self.name is None:
