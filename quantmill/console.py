@@ -103,18 +103,27 @@ class OurWarnings(logging.Handler):
             say(f"  warning: {record.getMessage().splitlines()[0][:300]}")
 
 
-def stop_temporary_server() -> None:
-    """Stop Prefect's temporary API server of this process, if one was started (else its exit hook does)."""
-    server_mod = sys.modules.get("prefect.server.api.server")
-    if server_mod is None:
-        return
-    with contextlib.suppress(Exception):
-        from prefect._internal.concurrency.services import QueueService
+class ServerLinesToLog(logging.Filter):
+    """Prefect's temporary-server lines ('Stopping temporary server ...' at exit) go to the debug log only."""
 
-        QueueService.drain_all(timeout=10)  # logs and events still queued for the server
-    for server in list(getattr(server_mod.SubprocessASGIServer, "_instances", {}).values()):
-        with contextlib.suppress(Exception):
-            server.stop()
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+        if record.name == "prefect" and "temporary server" in record.getMessage():
+            with contextlib.suppress(OSError), open(self.path, "a") as fh:
+                fh.write(f"{record.levelname} | {record.name} - {record.getMessage()}\n")
+            return False
+        return True
+
+
+def keep_server_lines_in(path: Path) -> None:
+    """Route the temporary server's later lines (its exit hook runs after the run) to this debug log."""
+    for handler in logging.getLogger("prefect").handlers:
+        for old in [f for f in handler.filters if isinstance(f, ServerLinesToLog)]:
+            handler.removeFilter(old)
+        handler.addFilter(ServerLinesToLog(path))
 
 
 def debug_log_path() -> Path:
@@ -151,7 +160,7 @@ def run_console(verbose: bool = False) -> Iterator[Path]:
     try:
         yield path
     finally:
-        stop_temporary_server()  # now, while its goodbye line still goes to the debug log
+        keep_server_lines_in(path)
         sys.stdout.flush()
         sys.stderr.flush()
         for lg, level in zip(watched, levels):
