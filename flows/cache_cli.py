@@ -51,16 +51,23 @@ def refreshing(args: argparse.Namespace) -> Iterator[None]:
     steps = [refresh.ALL] if getattr(args, "no_cache", False) else (
         refresh.parse_steps(args.refresh) if getattr(args, "refresh", None) else []
     )
-    old = os.environ.get(refresh.ENV)
+    old = {var: os.environ.get(var) for var in (refresh.ENV, refresh.RUN_ENV)}
     if steps:
         os.environ[refresh.ENV] = ",".join(steps)
+        os.environ[refresh.RUN_ENV] = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run = os.environ.get(refresh.RUN_ENV, "")
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(refresh.ENV, None)
-        else:
-            os.environ[refresh.ENV] = old
+        for var, value in old.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        if steps:
+            from quantmill import state
+
+            (state.home() / "refresh" / f"{run}.keys").unlink(missing_ok=True)
 
 
 def after_run(profile: Any, summary: Any) -> None:

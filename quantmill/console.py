@@ -33,11 +33,33 @@ def stream() -> IO[str]:
     return _stream or sys.stdout
 
 
+_bar_on = False  # a progress bar may be drawn (the console is a terminal)
+_bar_drawn = False
+
+
 def say(line: str) -> None:
-    """Print one quantmill line on the console."""
+    """Print one quantmill line on the console (over a progress bar, if one is drawn)."""
+    global _bar_drawn
     with _lock:
         out = stream()
-        out.write(line.rstrip("\n") + "\n")
+        out.write(("\r\x1b[K" if _bar_drawn else "") + line.rstrip("\n") + "\n")
+        _bar_drawn = False
+        out.flush()
+
+
+def progress(label: str, done: int, total: int, unit: str = "") -> None:
+    """Progress of a long step (layers quantized, windows evaluated): one bar redrawn in place on a terminal,
+    nothing otherwise (a log file or a pipe gets the step's start and finish lines only)."""
+    global _bar_drawn
+    if not _bar_on or total <= 0:
+        return
+    with _lock:
+        width = 30
+        filled = int(width * min(done, total) / total)
+        text = f"\r\x1b[K  {label:<10} [{'█' * filled}{'░' * (width - filled)}] {done}/{total} {unit}".rstrip()
+        out = stream()
+        out.write(text if done < total else "\r\x1b[K")
+        _bar_drawn = done < total
         out.flush()
 
 
@@ -136,13 +158,14 @@ def debug_log_path() -> Path:
 @contextlib.contextmanager
 def run_console(verbose: bool = False) -> Iterator[Path]:
     """Route third-party output to a debug log for the duration of a run; yields the log's path."""
-    global _stream
+    global _stream, _bar_on
     path = debug_log_path()
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _stream = os.fdopen(os.dup(1), "w", buffering=1)
+    _bar_on = _stream.isatty()
     file_handler = logging.FileHandler(path) if verbose else None
     if not verbose:
         os.dup2(log_fd, 1)
@@ -174,5 +197,6 @@ def run_console(verbose: bool = False) -> Iterator[Path]:
         os.dup2(saved_err, 2)
         for fd in (saved_out, saved_err, log_fd):
             os.close(fd)
+        _bar_on = False
         _stream.close()
         _stream = None

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 ENV = "QUANTMILL_REFRESH"
+RUN_ENV = "QUANTMILL_REFRESH_ID"  # names a file of rebuilt keys, shared with local worker processes (Dask)
 ALL = "*"
 # Steps a user may name (the Prefect task names that keep artifacts in the store).
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "sensitivity", "register")
@@ -56,12 +57,26 @@ def input_keys(value: Any) -> list[str]:
     return []
 
 
+def _shared_file():  # noqa: ANN202 - Path | None
+    from quantmill import state
+
+    run = os.environ.get(RUN_ENV)
+    return state.home() / "refresh" / f"{run}.keys" if run else None
+
+
+def _load_shared() -> None:
+    path = _shared_file()
+    if path is not None and path.is_file():
+        _rebuilt.update(line for line in path.read_text().splitlines() if line)
+
+
 def should_force(step: str, key: str, inputs: dict[str, Any]) -> bool:
     """Whether this step run must recompute (and registers it as forced); False once it was rebuilt."""
     wanted = requested()
     if not wanted:
         return False
     with _lock:
+        _load_shared()
         if key in _rebuilt:
             return False
         named = ALL in wanted or step in wanted or step.split("-")[0] in wanted
@@ -82,3 +97,8 @@ def rebuilt(key: str) -> None:
     with _lock:
         _forced.discard(key)
         _rebuilt.add(key)
+        path = _shared_file()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.write(key + "\n")

@@ -23,6 +23,7 @@ import torch
 from prefect import task
 
 from quantmill.caching import StepCache
+from quantmill.console import progress
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Evaluation, Gates
 from quantmill.concurrency import holding_gpu
@@ -163,6 +164,7 @@ def score_windows(  # noqa: PLR0913 - one pass computes everything that needs lo
             saved["topk_logprobs"].append(values.cpu())
             saved["topk_ids"].append(ids.to(torch.int32).cpu())
         count += target.numel()
+        progress("evaluate", min(i + batch_size, windows.shape[0]), windows.shape[0], "windows")
     if reference is not None and reference["topk_ids"].shape[0] != count:
         raise QuantmillError("evaluate.baseline: the baseline reference covers other windows; re-run its evaluation")
     metrics = {"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": float(count)}
