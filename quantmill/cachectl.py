@@ -96,7 +96,8 @@ def closure(entries: list[Entry], digests: set[str]) -> set[str]:
     """Keys of the artifacts with these digests, the evaluations of them, and everything they were built from."""
     by_key = {e.key: e for e in entries}
     seeds = {e.key for e in entries if e.digest and e.digest in digests}
-    seeds |= {e.key for e in entries if e.step == "evaluate" and set(e.inputs) & seeds}
+    checkpoints = {k for k in seeds if by_key[k].step == "quantize"}
+    seeds |= {e.key for e in entries if e.step == "evaluate" and set(e.inputs) & checkpoints}
     keep, todo = set(), list(seeds)
     while todo:
         key = todo.pop()
@@ -123,7 +124,9 @@ def listing(store: ArtifactStore) -> list[Listed]:
 
 def drop_prefect_record(key: str) -> None:
     """Remove the Prefect cache record of a step run whose artifact went away (it would be stale anyway)."""
-    (state.prefect_results() / key).unlink(missing_ok=True)
+    import os
+
+    (Path(os.environ.get("PREFECT_LOCAL_STORAGE_PATH") or state.prefect_results()) / key).unlink(missing_ok=True)
 
 
 @dataclass

@@ -164,7 +164,11 @@ def run_console(verbose: bool = False) -> Iterator[Path]:
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    _stream = os.fdopen(os.dup(1), "w", buffering=1)
+    try:
+        real = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        real = False  # sys.stdout was replaced (an embedding program, pytest's capsys): keep writing to it
+    _stream = os.fdopen(os.dup(1), "w", buffering=1) if real else sys.stdout
     _bar_on = _stream.isatty()
     file_handler = logging.FileHandler(path) if verbose else None
     if not verbose:
@@ -198,5 +202,6 @@ def run_console(verbose: bool = False) -> Iterator[Path]:
         for fd in (saved_out, saved_err, log_fd):
             os.close(fd)
         _bar_on = False
-        _stream.close()
+        if real:
+            _stream.close()
         _stream = None
