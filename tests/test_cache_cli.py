@@ -56,6 +56,17 @@ def cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1200)
 
 
+def cache(home: Path, monkeypatch, capsys, *args: str) -> str:
+    """`quantmill cache ...` on this module's state folder (in-process: these commands start no run)."""
+    from flows.cli import main
+
+    monkeypatch.setenv("QUANTMILL_HOME", str(home))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "results"))
+    capsys.readouterr()
+    assert main(["cache", *args]) == 0
+    return capsys.readouterr().out
+
+
 def manifests(home: Path) -> dict[str, dict]:
     """key -> manifest of every artifact in the store, read from disk."""
     objects = home / "artifacts" / "objects"
@@ -89,13 +100,12 @@ def registered_digests(home: Path) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_ls_and_du(setup):
+def test_ls_and_du(setup, monkeypatch, capsys):
     home, cwd, _ = setup
     found = manifests(home)
     assert sorted({step(k) for k in found}) == ["calibrate", "eval-data", "evaluate", "merge", "quantize"]
-    out = cli(home, cwd, "cache", "ls")
-    assert out.returncode == 0, out.stderr
-    lines = {ln.split()[1]: ln.split() for ln in out.stdout.splitlines()[1:-1]}
+    out = cache(home, monkeypatch, capsys, "ls")
+    lines = {ln.split()[1]: ln.split() for ln in out.splitlines()[1:-1]}
     assert set(lines) == set(found)
     assert lines[variant_key(home, "gptq-w4g64")][-1] == "registered"
     assert lines[variant_key(home, "rtn-w8g64")][-1] == "run"  # failed its gate: only the run refers to it
@@ -103,37 +113,35 @@ def test_ls_and_du(setup):
         assert row[0] == step(key)
     total = sum(f.stat().st_size for f in (home / "artifacts" / "objects").rglob("*")
                 if f.is_file() and f.name != ".manifest.json")
-    assert f"{len(found)} artifact(s), {human_size(total)}" in out.stdout
-    du = cli(home, cwd, "cache", "du")
-    assert du.returncode == 0 and f"total {human_size(total)} in {len(found)} artifact(s)" in du.stdout, du.stdout
+    assert f"{len(found)} artifact(s), {human_size(total)}" in out
+    du = cache(home, monkeypatch, capsys, "du")
+    assert f"total {human_size(total)} in {len(found)} artifact(s)" in du, du
 
 
 @pytest.mark.slow
-def test_prune_dry_run_and_filters_remove_nothing(setup):
+def test_prune_dry_run_and_filters_remove_nothing(setup, monkeypatch, capsys):
     home, cwd, _ = setup
     before = manifests(home)
-    dry = cli(home, cwd, "cache", "prune", "--keep", "registered", "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert variant_key(home, "rtn-w8g64") in dry.stdout and "would remove 2 artifact(s)" in dry.stdout, dry.stdout
-    runs = cli(home, cwd, "cache", "prune", "--keep", "runs", "--dry-run")
-    assert "would remove 0 artifact(s)" in runs.stdout, runs.stdout
-    young = cli(home, cwd, "cache", "prune", "--keep", "none", "--older-than", "7d", "--dry-run")
-    assert "would remove 0 artifact(s)" in young.stdout, young.stdout
+    dry = cache(home, monkeypatch, capsys, "prune", "--keep", "registered", "--dry-run")
+    assert variant_key(home, "rtn-w8g64") in dry and "would remove 2 artifact(s)" in dry, dry
+    runs = cache(home, monkeypatch, capsys, "prune", "--keep", "runs", "--dry-run")
+    assert "would remove 0 artifact(s)" in runs, runs
+    young = cache(home, monkeypatch, capsys, "prune", "--keep", "none", "--older-than", "7d", "--dry-run")
+    assert "would remove 0 artifact(s)" in young, young
     assert manifests(home) == before
 
 
 @pytest.mark.slow
-def test_prune_keeps_registered_and_a_rerun_recomputes_only_the_pruned(setup):
+def test_prune_keeps_registered_and_a_rerun_recomputes_only_the_pruned(setup, monkeypatch, capsys):
     home, cwd, profile = setup
     before = manifests(home)
     rtn = variant_key(home, "rtn-w8g64")
-    out = cli(home, cwd, "cache", "prune", "--keep", "registered")
-    assert out.returncode == 0, out.stderr
+    out = cache(home, monkeypatch, capsys, "prune", "--keep", "registered")
     after = manifests(home)
     pruned = set(before) - set(after)
     assert rtn in pruned and sorted(step(k) for k in pruned) == ["evaluate", "quantize"], pruned
     freed = sum(sum(f["size"] for f in before[k]["files"].values()) for k in pruned)
-    assert f"removed 2 artifact(s), freed {human_size(freed)}" in out.stdout, out.stdout
+    assert f"removed 2 artifact(s), freed {human_size(freed)}" in out, out
     digests = {m["digest"] for m in after.values()}
     versions = registered_digests(home)
     assert len(versions) == 2  # gptq and dynamic-int8
@@ -147,7 +155,7 @@ def test_prune_keeps_registered_and_a_rerun_recomputes_only_the_pruned(setup):
 
 
 @pytest.mark.slow
-def test_refresh_calibrate_recomputes_calibrated_chains_only(setup):
+def test_refresh_calibrate_recomputes_calibrated_chains_only(setup, capsys):
     home, cwd, profile = setup
     before = manifests(home)
     out = cli(home, cwd, "run", str(profile), "--refresh", "calibrate")
@@ -156,8 +164,11 @@ def test_refresh_calibrate_recomputes_calibrated_chains_only(setup):
     assert sorted(step(k) for k in changed) == ["calibrate", "evaluate", "quantize"], changed
     assert variant_key(home, "gptq-w4g64") in changed
     assert re.search(r"calibrate\s+done", out.stdout) and re.search(r"merge\s+cached", out.stdout), out.stdout
-    bad = cli(home, cwd, "run", str(profile), "--refresh", "calibration")
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --refresh 'calibration': unknown step")
+    from flows.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(profile), "--refresh", "calibration"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --refresh 'calibration': unknown step")
     assert manifests(home).keys() == before.keys() | changed
 
 
@@ -174,15 +185,14 @@ def test_storage_keep_registered_drops_unregistered_checkpoints(setup):
 
 
 @pytest.mark.slow
-def test_prune_never_removes_what_a_run_holds(setup):
+def test_prune_never_removes_what_a_run_holds(setup, monkeypatch, capsys):
     home, cwd, _ = setup
     held = next(k for k in manifests(home) if step(k) == "merge")
     with open(home / "artifacts" / "locks" / f"{held}.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # what a run building this artifact holds
-        out = cli(home, cwd, "cache", "prune", "--keep", "none")
-    assert out.returncode == 0, out.stderr
+        out = cache(home, monkeypatch, capsys, "prune", "--keep", "none")
     assert set(manifests(home)) == {held}
-    assert f"in use by a running run, left: {held}" in out.stdout, out.stdout
+    assert f"in use by a running run, left: {held}" in out, out
     assert not any(cwd.iterdir())
 
 
