@@ -142,7 +142,7 @@ class ServerLinesToLog(logging.Filter):
 
 def keep_server_lines_in(path: Path) -> None:
     """Route the temporary server's later lines (its exit hook runs after the run) to this debug log."""
-    for handler in logging.getLogger("prefect").handlers:
+    for handler in [*logging.getLogger().handlers, *logging.getLogger("prefect").handlers]:  # Prefect's is on root
         for old in [f for f in handler.filters if isinstance(f, ServerLinesToLog)]:
             handler.removeFilter(old)
         handler.addFilter(ServerLinesToLog(path))
