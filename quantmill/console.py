@@ -159,6 +159,8 @@ def debug_log_path() -> Path:
 def run_console(verbose: bool = False) -> Iterator[Path]:
     """Route third-party output to a debug log for the duration of a run; yields the log's path."""
     global _stream, _bar_on
+    from prefect import flow  # noqa: F401 - Prefect configures logging on first use: before we attach to it
+
     path = debug_log_path()
     sys.stdout.flush()
     sys.stderr.flush()
