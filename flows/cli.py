@@ -48,7 +48,8 @@ def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -
     from quantmill.report import build_report, rich_table
 
     out = console()
-    report = build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id, notes=summary.notes)
+    report = build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id, notes=summary.notes,
+                          evaluation=summary.evaluation)
     out.print(rich_table(report))
     if states:
         cached = sum(1 for _, s in states if s == "Cached")
@@ -86,6 +87,8 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
     from quantmill.tracking import check_reachable
 
     check_reachable()
+    state.private_scratch()  # library temp folders (GPTQModel offload) under the state folder, swept when dead
+    state.guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
     _quiet_user_errors()
     from flows.pipeline import quantize_pipeline
     from flows.sweep import sweep
@@ -112,7 +115,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from quantmill.profile import load_profile
 
-    recipes, skipped = load_profile(args.profile, args.set or []).all_recipes()
+    profile = load_profile(args.profile, args.set or [])
+    recipes, skipped = profile.all_recipes()
+    from tasks.preflight import local_input_problems
+
+    problems = local_input_problems(profile)  # paths, config.json, tokenizer, headers, text files: nothing loaded
+    if problems:
+        for line in problems[1:]:
+            print(f"error: {line}", file=sys.stderr)
+        raise QuantmillError(problems[0])
     print(f"{args.profile}: ok ({len(recipes)} recipes: {', '.join(r.name for r in recipes)})")
     for line in skipped:
         print(f"  skipped (sweep.grid): {line}")

@@ -18,12 +18,12 @@ from tasks.calibrate import calibrate
 from tasks.download import download
 from tasks.evaluate import eval_data, evaluate, gate
 from tasks.merge import merge
-from tasks.preflight import preflight
+from tasks.preflight import check_inputs, preflight
 from tasks.quantize import quantize
 from tasks.quantize.common import pick_device
 from tasks.register import promote, register
 from tasks.report import publish_report
-from tasks.track import log_lineage, log_results, start_run
+from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -35,6 +35,7 @@ class RunSummary(BaseModel):
     rows: list[dict[str, Any]]
     aliases: dict[str, str]
     notes: list[str] = []
+    evaluation: dict[str, Any] = {}  # what the perplexity is over (EvalDataRef.description())
 
 
 class Shared(BaseModel):
@@ -73,6 +74,7 @@ def prepare(profile: Profile) -> Shared:
     device = pick_device() if profile.device == "auto" else profile.device
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
+    check_inputs(profile)  # local inputs, writable folders, text lengths, disk: before download/merge and the MLflow run
     run_id = start_run(profile)
     base = download(profile.model, store)
     model = merge(base, profile.adapter, store, profile.merge)
@@ -110,11 +112,12 @@ def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], fai
     aliases = promote(profile.registry)
     log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
     notes = [f"skipped (sweep.grid): {line}" for line in s.skipped] + [f"failed: {line}" for line in failed]
-    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes)
+    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes,
+                   evaluation=s.data.description())
     log_results(s.run_id, rows)
     return RunSummary(
         run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes,
+        aliases=aliases, notes=notes, evaluation=s.data.description(),
     )
 
 
@@ -123,7 +126,7 @@ def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
     return {k: f.result() for k, f in futures.items()}
 
 
-@flow(name="quantize", log_prints=True)
+@flow(name="quantize", log_prints=True, **RUN_HOOKS)  # the MLflow run ends FAILED/KILLED with the flow
 def quantize_pipeline(profile: Profile) -> RunSummary:
     """Turn one run profile into quantized, evaluated, registered model variants."""
     shared = prepare(profile)

@@ -11,6 +11,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
 from quantmill.profile import Profile, Sweep
+from tasks.track import RUN_HOOKS
 
 
 def api_url() -> str:
@@ -57,7 +58,7 @@ def fan_out(profile: Profile, shared: Shared) -> list[dict[str, Any]]:
     return out
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep", log_prints=True, **RUN_HOOKS)
 def sweep(profile: Profile) -> RunSummary:
     """Quantize one model with a grid of recipes: shared steps once, variants in parallel, one report."""
     spec = profile.sweep.runner if profile.sweep else Sweep.Runner()

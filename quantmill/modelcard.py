@@ -25,6 +25,14 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _evaluation_text(result: EvalRef) -> str:
+    """What the perplexity is over (source, text preparation, windows), when the evaluation says."""
+    from quantmill.report import evaluation_text
+
+    text = evaluation_text(result.data)
+    return f"{text[0].upper()}{text[1:]}." if text else ""
+
+
 def render(
     model_name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef,
     calib_source: str | None,
@@ -63,6 +71,7 @@ Checkpoint content sha256: `{ckpt.sha256}`.
 ## Evaluation
 
 Held-out evaluation windows digest `{result.eval_digest}`.
+{_evaluation_text(result)}
 
 {_table(metric_rows)}
 

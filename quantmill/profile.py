@@ -8,17 +8,40 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, field_validator,
+                      model_validator)
 
 from quantmill.errors import ProfileError
 
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def form_fields(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> None:
+    """JSON schema as a form: every field titled (pydantic leaves sections untitled), `plain` optional fields as
+    plain text boxes (`type: string`) rather than a None-or-str toggle."""
+    for name, prop in schema.get("properties", {}).items():
+        prop.setdefault("title", name.replace("_", " ").title())
+    for name in plain:
+        prop = schema["properties"][name]
+        prop.pop("anyOf", None)
+        prop.pop("default", None)
+        prop["type"] = "string"
+
+
+def recipes_or_grid(schema: dict[str, Any]) -> None:
+    """JSON schema: `recipes` required (the form marks it so), with at least one unless a sweep grid is given."""
+    form_fields(schema)
+    schema["required"].append("recipes")
+    schema["properties"]["recipes"]["minItems"] = 0  # [] beside a grid: the form keeps an empty required list
+    grid = {"type": "object", "required": ["grid"], "properties": {"grid": {"type": "array", "minItems": 1}}}
+    schema["if"] = {"required": ["sweep"], "properties": {"sweep": grid}}
+    schema["else"] = {"required": ["recipes"], "properties": {"recipes": {"type": "array", "minItems": 1}}}
+
+
 class Strict(BaseModel):
     """Base for profile sections: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: form_fields(schema))
 
 
 def expand(path: str) -> str:
@@ -33,11 +56,13 @@ def expand(path: str) -> str:
 class Source(Strict):
     """A Hugging Face repo id at a pinned revision, or a local directory."""
 
-    repo_id: str | None = None
-    revision: str | None = None
-    path: str | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
+    model_config = ConfigDict(json_schema_extra=lambda schema: form_fields(schema, plain=("path",)))
+
+    repo_id: str | None = Field(None, description="Hugging Face repo id 'owner/name' (instead of `path`)")
+    revision: str | None = Field(None, description="Commit sha or tag of `repo_id`, pinned for reproducible runs")
+    path: str | None = Field(None, description="Local model directory (instead of `repo_id`); ${VARS} and ~ expand")
+    allow_pickle: bool = Field(False, description="Allow pickle (.bin) weights; by default only safetensors load")
+    trust_remote_code: bool = Field(False, description="Run the model repo's own Python code (only for trusted repos)")
 
     @model_validator(mode="after")
     def _one_of(self) -> "Source":
@@ -59,13 +84,29 @@ class Source(Strict):
 
 
 class TextSource(Strict):
-    """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset."""
+    """Text from a local .txt/.jsonl/.csv file or a Hugging Face dataset, and how it becomes one token stream.
 
-    path: str | None = None
-    dataset: str | None = None
-    config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
+    A .txt file is one document, read as it is. Rows (.jsonl/.csv lines, dataset rows) are joined with a blank line
+    (`join: blank_line`, the "\\n\\n".join(rows) of the GPTQ/AWQ papers' wikitext-2 protocol) and tokenized once;
+    `join: eos` tokenizes each non-empty row on its own and ends it with the end-of-sequence token (corpora of separate
+    documents). `messages_field` names a list of {role, content} messages per row, rendered with the model's chat
+    template (`tokenizer.apply_chat_template`) instead of reading `text_field`.
+    """
+
+    model_config = ConfigDict(json_schema_extra=lambda schema: form_fields(schema, plain=("path",)))
+
+    path: str | None = Field(None, description="Local .txt/.jsonl/.csv file (instead of `dataset`); ${VARS}, ~ expand")
+    dataset: str | None = Field(None, description="Hugging Face dataset name (instead of `path`)")
+    config: str | None = Field(None, description="Dataset configuration name, if the dataset has several")
+    split: str = Field("train", description="Dataset split to read")
+    text_field: str = Field("text", description="Column holding the text (.jsonl/.csv files and datasets)")
+    messages_field: str | None = Field(
+        None, description="Column holding a list of {role, content} messages, rendered with the chat template")
+    join: Literal["blank_line", "eos"] = Field(
+        "blank_line", description='How rows become one text: joined with "\\n\\n" and tokenized once, or each + EOS')
+    data_files: str | list[str] | None = Field(None, description="Files of the dataset to read (hub datasets only)")
+    revision: str | None = Field(None, description="Commit sha or tag of the dataset, pinned like models")
+    streaming: bool = Field(False, description="Stream the dataset instead of downloading all of it")
 
     @model_validator(mode="after")
     def _one_of(self) -> "TextSource":
@@ -73,36 +114,76 @@ class TextSource(Strict):
             raise ValueError("give exactly one of 'path' (local .txt/.jsonl/.csv) or 'dataset' (hub dataset name)")
         if self.path is not None:
             self.path = expand(self.path)
-            if Path(self.path).suffix.lower() not in {".txt", ".jsonl", ".csv"}:
+            suffix = Path(self.path).suffix.lower()
+            if suffix not in {".txt", ".jsonl", ".csv"}:
                 raise ValueError(f"path {self.path!r}: use a .txt, .jsonl or .csv file")
+            hub_only = [k for k in ("data_files", "revision") if getattr(self, k) is not None] + (["streaming"] if self.streaming else [])
+            if hub_only:
+                raise ValueError(f"{hub_only[0]} applies to hub datasets ('dataset'), not to a local 'path'")
+            if self.messages_field is not None and suffix != ".jsonl":
+                raise ValueError(f"messages_field needs rows holding message lists: use a .jsonl file or a dataset, not {suffix}")
         return self
 
     @property
     def label(self) -> str:
         """Human-readable origin."""
-        return self.path or f"{self.dataset}/{self.config or ''}:{self.split}[{self.text_field}]"
+        if self.path:
+            return self.path
+        at = f"@{self.revision}" if self.revision else ""
+        return f"{self.dataset}{at}/{self.config or ''}:{self.split}[{self.messages_field or self.text_field}]"
+
+    @property
+    def is_one_document(self) -> bool:
+        """A .txt file: one document, read as it is."""
+        return bool(self.path) and Path(self.path).suffix.lower() == ".txt"
+
+    @property
+    def preparation(self) -> str:
+        """How the text becomes tokens, in words (recorded with calibration and evaluation data)."""
+        text = f"chat template over {self.messages_field!r}" if self.messages_field else "text"
+        if self.is_one_document:
+            return "one document read as is, tokenized once"
+        if self.join == "eos":
+            return f"rows ({text}) tokenized one by one, each followed by EOS"
+        return f'rows ({text}) joined with "\\n\\n", tokenized once'
 
 
 class Calibration(Strict):
-    """How calibration windows are drawn."""
+    """How calibration data is drawn.
 
-    source: TextSource
-    num_samples: int = Field(64, gt=0, le=100_000)
-    seq_len: int = Field(128, gt=0)
-    seed: int = 0
+    `mode: packed` cuts `num_samples` non-overlapping windows of `seq_len` tokens (seeded) from the prepared stream;
+    `mode: samples` takes `num_samples` rows (shuffled with `seed`), each truncated to `seq_len`, shorter ones kept
+    as they are (padded, with attention masks). Chat data (`source.messages_field`) defaults to samples.
+    """
+
+    source: TextSource = Field(description="Where the calibration text comes from")
+    num_samples: int = Field(64, gt=0, le=100_000, description="Calibration windows (or samples) drawn from the text")
+    seq_len: int = Field(128, gt=0, description="Tokens per calibration window (at most, per sample)")
+    seed: int = Field(0, description="Random seed of the window draw or sample shuffle (same seed, same data)")
+    mode: Literal["packed", "samples"] | None = Field(
+        None, description="packed: windows of the joined text; samples: one row each, masked (default for chat data)")
+
+    @model_validator(mode="after")
+    def _mode(self) -> "Calibration":
+        if self.mode is None:
+            self.mode = "samples" if self.source.messages_field else "packed"
+        if self.mode == "samples" and self.source.is_one_document:
+            raise ValueError("mode 'samples' needs separate documents (.jsonl, .csv or a dataset); "
+                             "a .txt file is one document: use mode 'packed'")
+        return self
 
 
 class Gates(Strict):
     """Quality gates; unset bounds use per-method defaults (perplexity) or are not checked."""
 
-    max_ppl_increase_pct: float | None = Field(None, ge=0)
-    max_kl: float | None = Field(None, ge=0)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    max_size_bytes: int | None = Field(None, gt=0)
-    min_compression: float | None = Field(None, gt=0)
-    max_latency_ms_p50: float | None = Field(None, gt=0)
-    max_latency_ms_p95: float | None = Field(None, gt=0)
-    max_accuracy_drop: float | None = Field(None, ge=0, le=1)
+    max_ppl_increase_pct: float | None = Field(None, ge=0, description="Max perplexity increase, % (default by method)")
+    max_kl: float | None = Field(None, ge=0, description="Max mean KL divergence from the baseline")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Min top-1 agreement with the baseline")
+    max_size_bytes: int | None = Field(None, gt=0, description="Max checkpoint size in bytes")
+    min_compression: float | None = Field(None, gt=0, description="Min size ratio baseline / variant")
+    max_latency_ms_p50: float | None = Field(None, gt=0, description="Max median per-token generation latency, ms")
+    max_latency_ms_p95: float | None = Field(None, gt=0, description="Max p95 per-token generation latency, ms")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Max accuracy drop from the baseline (0..1)")
 
 
 class Evaluation(Strict):
@@ -111,12 +192,12 @@ class Evaluation(Strict):
     class Speed(Strict):
         """Generation-speed measurement (greedy decoding of prompts cut from the eval windows)."""
 
-        enabled: bool = True
-        batch_sizes: list[int] = Field([1, 8], min_length=1)
-        prompt_tokens: int = Field(32, gt=0)
-        new_tokens: int = Field(32, gt=1)
-        warmup: int = Field(1, ge=0)
-        repeats: int = Field(3, gt=0)
+        enabled: bool = Field(True, description="Measure generation speed")
+        batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes measured")
+        prompt_tokens: int = Field(32, gt=0, description="Prompt length in tokens")
+        new_tokens: int = Field(32, gt=1, description="Tokens generated per prompt")
+        warmup: int = Field(1, ge=0, description="Untimed warm-up generations")
+        repeats: int = Field(3, gt=0, description="Timed repetitions per batch size")
 
         @field_validator("batch_sizes")
         @classmethod
@@ -128,12 +209,12 @@ class Evaluation(Strict):
     class Accuracy(Strict):
         """Labelled examples in a CSV, scored by the log-likelihood of each choice."""
 
-        path: str
-        question_field: str = "question"
-        choices_field: str = "choices"
-        answer_field: str = "answer"
-        labels: list[str] | None = Field(None, min_length=2)
-        max_examples: int = Field(1000, gt=0)
+        path: str = Field(description="CSV file of labelled examples; ${VARS} and ~ expand")
+        question_field: str = Field("question", description="Column holding the question")
+        choices_field: str = Field("choices", description="Column holding the choices")
+        answer_field: str = Field("answer", description="Column holding the correct answer")
+        labels: list[str] | None = Field(None, min_length=2, description="Choice labels, e.g. [A, B, C, D]")
+        max_examples: int = Field(1000, gt=0, description="Examples scored at most")
 
         @field_validator("path")
         @classmethod
@@ -146,21 +227,21 @@ class Evaluation(Strict):
     class LmEval(Strict):
         """lm-evaluation-harness tasks (run only when `lm_eval` and the task data are available)."""
 
-        tasks: list[str] = Field(min_length=1)
-        num_fewshot: int = Field(0, ge=0)
-        limit: int | None = Field(None, gt=0)
+        tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness task names")
+        num_fewshot: int = Field(0, ge=0, description="Few-shot examples per prompt")
+        limit: int | None = Field(None, gt=0, description="Examples per task at most (default: all)")
 
-    source: TextSource
-    max_tokens: int = Field(16384, gt=0)
-    window: int | None = Field(None, gt=1)
-    stride: int | None = Field(None, gt=0)
-    kl_topk: int = Field(128, gt=0)
-    batch_size: int = Field(8, gt=0)
-    speed: Speed | None = Speed()
-    accuracy: Accuracy | None = None
-    lm_eval: LmEval | None = None
-    gates: Gates = Gates()
-    method_gates: dict[str, Gates] = {}
+    source: TextSource = Field(description="Held-out text perplexity and KL are measured on")
+    max_tokens: int = Field(16384, gt=0, description="Tokens of held-out text evaluated at most")
+    window: int | None = Field(None, gt=1, description="Evaluation window in tokens (default: the model's context)")
+    stride: int | None = Field(None, gt=0, description="Step between windows in tokens (default: the window)")
+    kl_topk: int = Field(128, gt=0, description="Top-k baseline logits kept for the KL divergence")
+    batch_size: int = Field(8, gt=0, description="Windows per forward pass")
+    speed: Speed | None = Field(Speed(), description="Generation-speed measurement (null: not measured)")
+    accuracy: Accuracy | None = Field(None, description="Multiple-choice accuracy on a labelled CSV")
+    lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks")
+    gates: Gates = Field(Gates(), description="Quality gates every variant must pass to be registered")
+    method_gates: dict[str, Gates] = Field({}, description="Gates per method name, overriding `gates` for it")
 
     @model_validator(mode="after")
     def _stride(self) -> "Evaluation":
@@ -172,9 +253,10 @@ class Evaluation(Strict):
 class Registry(Strict):
     """Where passing variants are registered."""
 
-    model_name: str = Field(min_length=1)
-    aliases: list[str] = ["candidate", "champion"]
-    champion_objective: Literal["smallest_size", "lowest_perplexity"] = "smallest_size"
+    model_name: str = Field(min_length=1, description="MLflow registered model name (letters, digits, '.', '_', '-')")
+    aliases: list[str] = Field(["candidate", "champion"], description="Aliases: newest passing, then best")
+    champion_objective: Literal["smallest_size", "lowest_perplexity"] = Field(
+        "smallest_size", description="How the champion is picked among passing variants")
 
     @field_validator("model_name")
     @classmethod
@@ -187,8 +269,10 @@ class Registry(Strict):
 class Storage(Strict):
     """Artifact store root: a local folder or an fsspec URL (s3://, gs://, file://...) shared by workers."""
 
-    root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True)
-    keep: Literal["all", "registered"] = "all"  # registered: drop unregistered variants' checkpoints when a run ends
+    root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True,
+                      description="Folder or fsspec URL; ${VARS} expand in the flow run's (worker's) environment")
+    keep: Literal["all", "registered"] = Field(
+        "all", description="registered: drop unregistered variants' checkpoints when `quantmill run` ends")
 
     @field_validator("root")
     @classmethod
@@ -199,9 +283,17 @@ class Storage(Strict):
 class Recipe(Strict):
     """One variant: a registered method and its parameters (validated by the method's config)."""
 
-    method: str
-    name: str | None = None
-    params: dict[str, Any] = {}
+    method: str = Field(description="Registered quantization method")
+    name: str | None = Field(None, description="Unique variant name (default: method-bits-group)")
+    params: dict[str, Any] = Field({}, description="The method's options as one mapping (or written inline)")
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        """One branch per registered method with that method's options (the registry builds it)."""
+        from tasks.quantize.registry import recipe_json_schema
+
+        name = {"title": "Name", "type": "string", "description": cls.model_fields["name"].description}
+        return {"title": "Recipe", "description": cls.__doc__, **recipe_json_schema(handler, {"name": name})}
 
     @model_validator(mode="before")
     @classmethod
@@ -237,10 +329,10 @@ class Sweep(Strict):
     class Grid(Strict):
         """One block of the grid; an axis a method does not have (e.g. bits of bnb-nf4) is ignored for it."""
 
-        methods: list[str] = Field(min_length=1)
-        bits: list[int] = []
-        group_sizes: list[int] = []
-        params: dict[str, Any] = {}
+        methods: list[str] = Field(min_length=1, description="Registered method names")
+        bits: list[int] = Field([], description="Bit widths tried (for methods that have `bits`)")
+        group_sizes: list[int] = Field([], description="Group sizes tried (for methods that have `group_size`)")
+        params: dict[str, Any] = Field({}, description="Options given to every recipe of the block")
 
         @field_validator("methods")
         @classmethod
@@ -254,11 +346,11 @@ class Sweep(Strict):
     class Runner(Strict):
         """Threads in the flow process (default), or Dask: a local cluster, or a scheduler `address`."""
 
-        kind: Literal["threads", "dask"] = "threads"
-        max_workers: int = Field(2, gt=0)
-        address: str | None = None
-        threads_per_worker: int = Field(1, gt=0)
-        memory_limit: str | None = None
+        kind: Literal["threads", "dask"] = Field("threads", description="Threads in the flow process, or Dask")
+        max_workers: int = Field(2, gt=0, description="Variants run at once (threads, or local Dask workers)")
+        address: str | None = Field(None, description="Dask scheduler address (default: a local cluster)")
+        threads_per_worker: int = Field(1, gt=0, description="Threads per local Dask worker")
+        memory_limit: str | None = Field(None, description="Memory limit per local Dask worker, e.g. '8GiB'")
 
         @model_validator(mode="after")
         def _address(self) -> "Sweep.Runner":
@@ -266,8 +358,8 @@ class Sweep(Strict):
                 raise ValueError("address is a Dask scheduler address; set kind: dask")
             return self
 
-    grid: list[Grid] = []
-    runner: Runner = Runner()
+    grid: list[Grid] = Field([], description="Blocks of the grid; their recipes join the profile's `recipes`")
+    runner: Runner = Field(Runner(), description="Task runner the variants are fanned out on")
 
     def expand(self) -> tuple[list["Recipe"], list[str]]:
         """Recipes of the grid, and one line per combination a method cannot do (skipped, reported)."""
@@ -301,26 +393,32 @@ class Sweep(Strict):
 class Merge(Strict):
     """How a LoRA adapter is merged: memory strategy, failure policy, and the base a QLoRA adapter merges into."""
 
-    strategy: Literal["auto", "gpu", "cpu", "streaming"] = "auto"
-    on_failure: Literal["stop", "skip_merge"] = "stop"
-    qlora_merge: Literal["full_precision", "dequantized"] = "full_precision"
-    adapter_training: Literal["auto", "lora", "qlora"] = "auto"
+    strategy: Literal["auto", "gpu", "cpu", "streaming"] = Field(
+        "auto", description="Where the merge runs; streaming merges shard by shard in little memory")
+    on_failure: Literal["stop", "skip_merge"] = Field(
+        "stop", description="On a merge failure: stop the run, or quantize the base model without the adapter")
+    qlora_merge: Literal["full_precision", "dequantized"] = Field(
+        "full_precision", description="Base a QLoRA adapter merges into: the fp weights, or their 4-bit round trip")
+    adapter_training: Literal["auto", "lora", "qlora"] = Field(
+        "auto", description="How the adapter was trained (auto: read from its config)")
 
 
 class Profile(Strict):
     """A whole run: model (+adapter) -> calibration -> recipes -> evaluation -> registry."""
 
-    name: str = "quantmill"
-    model: Source
-    adapter: Source | None = None
-    merge: Merge = Merge()
-    calibration: Calibration
-    recipes: list[Recipe] = []
-    sweep: Sweep | None = None
-    evaluation: Evaluation
-    registry: Registry
-    storage: Storage = Storage()
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_config = ConfigDict(json_schema_extra=recipes_or_grid)
+
+    name: str = Field("quantmill", description="Run name (the MLflow run's name)")
+    model: Source = Field(description="The base model: a local folder or a pinned Hugging Face repo")
+    adapter: Source | None = Field(None, description="Optional LoRA/QLoRA adapter merged into the model first")
+    merge: Merge = Field(Merge(), description="How the adapter is merged")
+    calibration: Calibration = Field(description="Calibration text for the calibrated methods")
+    recipes: list[Recipe] = Field([], description="The variants to build: at least one (or a sweep grid)")
+    sweep: Sweep | None = Field(None, description="A grid of recipes and the task runner they fan out on")
+    evaluation: Evaluation = Field(description="Held-out evaluation and quality gates")
+    registry: Registry = Field(description="MLflow registered model the passing variants go to")
+    storage: Storage = Field(default_factory=Storage, description="Where artifacts are stored")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of the run (auto: CUDA if present)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Profile":
@@ -416,4 +514,17 @@ def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = Non
             problem += f" ({ctx} at line {ctx_mark.line + 1})"
         raise ProfileError(f"{p}: YAML error at {where}: {problem}; fix the YAML syntax") from None
     data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
-    return parse_profile(data, str(p))
+    try:
+        return parse_profile(data, str(p))
+    except ProfileError as exc:
+        raise ProfileError(blame_override(str(exc), str(p), overrides or [])) from None
+
+
+def blame_override(message: str, source: str, overrides: list[str]) -> str:
+    """Name the `--set` whose field failed validation instead of the profile file it did not come from."""
+    field = message.removeprefix(f"{source}: ").split(": ", 1)[0]
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
+            return f"--set {item}: " + message.removeprefix(f"{source}: ")
+    return message

@@ -40,6 +40,8 @@ class CalibRef(Ref):
     seed: int
     source: str
     store_key: str
+    mode: str = "packed"  # or "samples": padded rows with an attention_mask
+    preparation: str = ""
 
 
 class CheckpointRef(Ref):
@@ -69,6 +71,7 @@ class EvalRef(Ref):
     metrics: dict[str, float]
     eval_digest: str
     store_key: str
+    data: dict[str, Any] = {}  # what the perplexity is over: EvalDataRef.description()
 
 
 class Verdict(Ref):
@@ -91,3 +94,9 @@ class EvalDataRef(Ref):
     store_key: str
     stride: int | None = None
     windows: int | None = None
+    preparation: str = ""
+
+    def description(self) -> dict[str, Any]:
+        """What a perplexity on these windows means: source, text preparation, window, stride, scored tokens."""
+        return {"source": self.source, "preparation": self.preparation, "window": self.window, "stride": self.stride,
+                "windows": self.windows, "tokens": self.tokens}

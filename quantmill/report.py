@@ -54,17 +54,27 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return cols + list(TAIL_COLUMNS)
 
 
-def build_report(
+def build_report(  # noqa: PLR0913
     rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", run_id: str = "", device: str = "",
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the tables and the chart need, as plain JSON-able data (notes: skipped/failed recipes)."""
+    """Everything the tables and the chart need, as plain JSON-able data (notes: skipped/failed recipes;
+    evaluation: what the perplexity is over, `EvalDataRef.description()`)."""
     all_rows = [baseline_row(baseline)] + [dict(r) for r in rows]
     return {
         "schema": SCHEMA, "model_name": model_name, "run_id": run_id, "device": device,
         "columns": [list(c) for c in columns_for(all_rows)], "rows": json.loads(json.dumps(all_rows, default=str)),
-        "notes": list(notes or []),
+        "notes": list(notes or []), "evaluation": dict(evaluation or {}),
     }
+
+
+def evaluation_text(evaluation: dict[str, Any]) -> str:
+    """What the perplexity means, in one line ('' when the report does not say)."""
+    if not evaluation:
+        return ""
+    return (f"perplexity: token-level exp(mean NLL) over {evaluation.get('windows')} windows of "
+            f"{evaluation.get('window')} tokens, stride {evaluation.get('stride')} ({evaluation.get('tokens')} scored "
+            f"tokens) of {evaluation.get('source')}; text: {evaluation.get('preparation')}")
 
 
 def format_cell(key: str, value: Any) -> str:
@@ -135,6 +145,8 @@ def rich_table(report: dict[str, Any]):  # noqa: ANN201 - a rich renderable
         table.add_row(*styled, style="bold" if gate == "baseline" else None)
     notes = [Text.assemble(("FAIL ", "red"), (f"{name}: ", "bold"), reasons) for name, reasons in failures(report)]
     notes += [Text.assemble(("NOTE ", "yellow"), note) for note in report.get("notes", [])]
+    if evaluation_text(report.get("evaluation") or {}):
+        notes.append(Text(evaluation_text(report["evaluation"])))
     return Group(table, *notes)
 
 
@@ -146,6 +158,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     if report.get("notes"):
         lines += [""] + [f"- {note}" for note in report["notes"]]
+    if evaluation_text(report.get("evaluation") or {}):
+        lines += ["", evaluation_text(report["evaluation"])]
     if report.get("run_id"):
         lines += ["", f"MLflow run: `{report['run_id']}`"]
     return "\n".join(lines) + "\n"

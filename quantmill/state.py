@@ -2,8 +2,38 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+# Runs beside `quantmill run` (no imports beyond the standard library): when the CLI dies, even by kill -9,
+# it stops Prefect's temporary server, which would otherwise be re-parented and keep listening for good.
+WATCHDOG = """
+import os, signal, sys, time
+parent, server = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+while os.getppid() == parent:
+    if not alive(server):
+        sys.exit(0)
+    time.sleep(0.3)
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    try:
+        os.kill(server, sig)
+    except ProcessLookupError:
+        sys.exit(0)
+    deadline = time.time() + wait
+    while alive(server) and time.time() < deadline:
+        time.sleep(0.1)
+"""
 
 
 def home() -> Path:
@@ -61,3 +91,69 @@ def viewer_commands() -> list[str]:
     else:
         cmds.append(f"PREFECT_HOME={home() / 'prefect'} prefect server start")
     return cmds
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def scratch_root() -> Path:
+    """Per-process temporary folders (library scratch such as GPTQModel's offload folder) under the state folder."""
+    return home() / "tmp"
+
+
+def sweep_scratch() -> list[Path]:
+    """Remove the temporary folders of processes that died (kill -9) without cleaning up; returns them."""
+    root, gone = scratch_root(), []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.name.isdigit() and not pid_alive(int(d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def private_scratch() -> Path:
+    """Point this process's (and its children's) temporary files at `<state>/tmp/<pid>`, swept by later runs."""
+    sweep_scratch()
+    mine = scratch_root() / str(os.getpid())
+    mine.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(mine)
+    tempfile.tempdir = str(mine)
+    atexit.register(shutil.rmtree, mine, ignore_errors=True)
+    return mine
+
+
+_guarded: set[int] = set()
+
+
+def guard_prefect_server() -> int | None:
+    """Start Prefect's temporary server now (no PREFECT_API_URL) with a watchdog that stops it when this process
+    dies, however it dies; returns the watchdog's pid (None with a configured server)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().server.ephemeral.enabled:
+        return None
+    server = SubprocessASGIServer()
+    server.start()
+    proc = server.server_process
+    if proc is None or proc.pid in _guarded:
+        return None
+    _guarded.add(proc.pid)
+    dog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(proc.pid)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dog.pid

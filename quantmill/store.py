@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -18,6 +20,9 @@ from typing import Any, Callable, Iterator
 from quantmill.hashing import manifest_digest, manifest_of, stable_hash
 
 MANIFEST = ".manifest.json"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+DISK_MESSAGE = re.compile(rf"os error ({'|'.join(str(n) for n in sorted(DISK_ERRORS))})\b|No space left on device|"
+                          "Read-only file system|Disk quota exceeded")
 log = logging.getLogger("quantmill.store")
 
 
@@ -51,6 +56,24 @@ class Artifact:
     record: dict[str, Any]
     size_bytes: int
     cached: bool
+
+
+def disk_error(exc: BaseException, root: Path) -> str | None:
+    """Why a write failed when the filesystem is full or read-only (OSError, or a library's wrapped I/O error)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            return os.strerror(e.errno)
+        m = DISK_MESSAGE.search(str(e))
+        if m:
+            return os.strerror(int(m.group(1))) if m.group(1) else m.group(0)
+        e = e.__cause__ or e.__context__
+    with contextlib.suppress(OSError):  # e.g. torch.save reports a short write as "unexpected pos"
+        if shutil.disk_usage(root).free < 1 << 16:
+            return os.strerror(errno.ENOSPC)
+    return None
 
 
 def artifact_key(step: str, **parts: Any) -> str:
@@ -216,6 +239,17 @@ class ArtifactStore:
             try:
                 record = build(staged)
                 art = self.commit(key, staged, record)
+            except Exception as exc:
+                from quantmill.errors import PreflightError, QuantmillError
+
+                why = None if isinstance(exc, QuantmillError) else disk_error(exc, self.root)
+                if why is None:
+                    raise
+
+                raise PreflightError(
+                    f"storage.root: step {key.rsplit('-', 1)[0]} could not write {self.root}: {why}; "
+                    "nothing was kept: free some space or point storage.root at a larger, writable disk"
+                ) from None
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             if self.url is not None:

@@ -1,4 +1,9 @@
-"""Calibrate step: tokenize the calibration text and draw seeded windows, saved as an artifact."""
+"""Calibrate step: prepare the calibration text and draw seeded windows (or samples with masks), saved as an artifact.
+
+The artifact holds `input_ids` [num_samples, seq_len] for `mode: packed`; for `mode: samples`, `input_ids`
+[num_samples, longest] right-padded and `attention_mask` (1 on real tokens). Its metadata names the source, mode and
+preparation, so its digest changes when any of them does.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,14 @@ from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
-from quantmill.textdata import draw_windows, read_documents, tokenize_stream
+from quantmill.textdata import draw_samples, draw_windows, token_stream
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: .txt read as one document, rows joined with "\n\n" by default
 TOKENS_FILE = "calibration.safetensors"
 
 
 def build_calibration(model: ModelRef, spec: Calibration, out) -> dict:  # noqa: ANN001 - Path
-    """Tokenize with the model's tokenizer and save `input_ids` [num_samples, seq_len]."""
+    """Tokenize with the model's tokenizer and save the windows (packed) or padded samples with their mask."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -26,10 +31,18 @@ def build_calibration(model: ModelRef, spec: Calibration, out) -> dict:  # noqa:
             f"calibration.seq_len: {spec.seq_len} exceeds the model's context of {ctx} tokens; lower it"
         )
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    stream = tokenize_stream(read_documents(spec.source, "calibration.source"), tokenizer)
-    windows = draw_windows(stream, spec.num_samples, spec.seq_len, spec.seed)
-    save_file({"input_ids": windows.contiguous()}, str(out / TOKENS_FILE), metadata={"source": spec.source.label})
-    return {"tokens": int(windows.numel())}
+    field = "calibration.source"
+    if spec.mode == "samples":
+        tensors = draw_samples(spec.source, field, tokenizer, spec.num_samples, spec.seq_len, spec.seed)
+    else:  # hub datasets: rows shuffled with the seed, read only until num_samples windows fill
+        hub = spec.source.path is None
+        stream = token_stream(spec.source, field, tokenizer, spec.num_samples * spec.seq_len if hub else None,
+                              seed=spec.seed if hub else None)
+        tensors = {"input_ids": draw_windows(stream, spec.num_samples, spec.seq_len, spec.seed)}
+    meta = {"source": spec.source.label, "mode": str(spec.mode), "preparation": spec.source.preparation}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / TOKENS_FILE), metadata=meta)
+    mask = tensors.get("attention_mask")
+    return {"tokens": int(mask.sum() if mask is not None else tensors["input_ids"].numel()), **meta}
 
 
 CALIBRATE_CACHE = StepCache(step="calibrate", code_version=CODE_VERSION)
@@ -43,10 +56,11 @@ CALIBRATE_CACHE = StepCache(step="calibrate", code_version=CODE_VERSION)
     persist_result=True,
 )
 def calibrate(model: ModelRef, spec: Calibration, store_root: str) -> CalibRef:
-    """Draw `num_samples` windows of `seq_len` tokens with `seed`; return their digest."""
+    """Draw `num_samples` windows (or samples) of at most `seq_len` tokens with `seed`; return their digest."""
     key = CALIBRATE_CACHE.key_for({"model": model, "spec": spec})
     art = ArtifactStore(store_root).get_or_build(key, lambda out: build_calibration(model, spec, out))
     return CalibRef(
         path=str(art.path / TOKENS_FILE), digest=art.digest, num_samples=spec.num_samples,
-        seq_len=spec.seq_len, seed=spec.seed, source=spec.source.label, store_key=key,
+        seq_len=spec.seq_len, seed=spec.seed, source=spec.source.label, store_key=key, mode=str(spec.mode),
+        preparation=spec.source.preparation,
     )

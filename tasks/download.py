@@ -12,6 +12,7 @@ from prefect.tasks import exponential_backoff
 from quantmill.caching import StepCache, step_key
 from quantmill.errors import NetworkError, QuantmillError, retry_on_transient
 from quantmill.hashing import hash_tree
+from quantmill.integrity import check_folder_safetensors, check_tokenizer
 from quantmill.models import META_PATTERNS, WEIGHT_PATTERNS, check_model_dir, model_summary
 from quantmill.profile import Source
 from quantmill.refs import ModelRef
@@ -68,15 +69,21 @@ def resolve(source: Source, field: str, store_root: str) -> tuple[Path, str]:
         path = Path(source.path).resolve()
         if not path.is_dir():
             raise QuantmillError(f"{field}.path: {path} does not exist or is not a folder; fix the path")
+        check_folder_safetensors(path, f"{field}.path")  # a truncated file is named here, never hashed into a key
         return path, hash_tree(path)
     if field == "adapter":
         allow: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors", "*.json", "*.txt")
     else:
         allow = WEIGHT_PATTERNS + META_PATTERNS + (("*.bin",) if source.allow_pickle else ())
-    art = ArtifactStore(store_root).get_or_build(
-        _key(source, field), lambda d: fetch_snapshot(source, d, allow) or {}
-    )
+    art = ArtifactStore(store_root).get_or_build(_key(source, field), lambda d: fetched(source, d, allow, field))
     return art.path, art.digest
+
+
+def fetched(source: Source, dest: Path, allow: tuple[str, ...], field: str) -> dict:
+    """A hub snapshot whose safetensors files match their headers (else nothing is committed to the store)."""
+    fetch_snapshot(source, dest, allow)
+    check_folder_safetensors(dest, f"{field}.repo_id {source.repo_id}")
+    return {}
 
 
 def _verify(key: str, inputs: dict) -> str | None:
@@ -100,6 +107,7 @@ def download(source: Source, store_root: str) -> ModelRef:
     """Fetch (or hash) the base model; return a reference with its content hash."""
     path, digest = resolve(source, "model", store_root)
     check_model_dir(path, "model.path", source.allow_pickle, source.trust_remote_code)
+    check_tokenizer(path, "model.path")
     return ModelRef(
         path=str(path), sha256=digest, source=source.label, revision=source.revision,
         summary=model_summary(path),

@@ -29,10 +29,10 @@ from quantmill.profile import Evaluation, Gates
 from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
 from quantmill.store import ArtifactStore
-from quantmill.textdata import read_documents, tokenize_stream
+from quantmill.textdata import token_stream
 from tasks.quantize import build_config
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
 WINDOW_CAP = 1024
 TOKENS_FILE = "eval_windows.safetensors"
 REFERENCE_FILE = "reference.safetensors"
@@ -41,7 +41,12 @@ log = logging.getLogger("quantmill.evaluate")
 
 
 def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
-    """Tokenize the eval text into windows (up to max_tokens); `first` = first scored position per window."""
+    """Tokenize the eval text into windows (up to max_tokens); `first` = first scored position per window.
+
+    The text is prepared as `spec.source` says (a .txt as is, rows joined with "\\n\\n", or EOS-packed), tokenized
+    once and cut into windows of `window` tokens every `stride` tokens: with stride = window (the default) these are
+    the non-overlapping windows of the GPTQ/AWQ papers' perplexity.
+    """
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -50,7 +55,7 @@ def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
     if window > ctx:
         raise QuantmillError(f"evaluation.window: {window} exceeds the model's context of {ctx}; lower it")
     tokenizer = AutoTokenizer.from_pretrained(model.path)
-    stream = tokenize_stream(read_documents(spec.source, "evaluation.source"), tokenizer)[: spec.max_tokens]
+    stream = token_stream(spec.source, "evaluation.source", tokenizer, spec.max_tokens)
     if stream.numel() < window:
         if stream.numel() < 2:
             raise QuantmillError(f"evaluation.source: {spec.source.label} has no usable text; add held-out text")
@@ -60,8 +65,10 @@ def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
     windows = torch.stack([stream[s : s + window] for s in starts])
     first = torch.full((windows.shape[0],), max(1, window - stride), dtype=torch.long)
     first[0] = 1
-    save_file({"input_ids": windows.contiguous(), "first": first}, str(out / TOKENS_FILE))
-    return {"window": window, "stride": stride, "windows": int(windows.shape[0]), "tokens": int((window - first).sum())}
+    meta = {"source": spec.source.label, "preparation": spec.source.preparation}
+    save_file({"input_ids": windows.contiguous(), "first": first}, str(out / TOKENS_FILE), metadata=meta)
+    return {"window": window, "stride": stride, "windows": int(windows.shape[0]), "tokens": int((window - first).sum()),
+            **meta}
 
 
 def _data_inputs(inputs: dict) -> dict:
@@ -84,6 +91,7 @@ def eval_data(model: ModelRef, spec: Evaluation, store_root: str) -> EvalDataRef
     return EvalDataRef(
         path=str(art.path / TOKENS_FILE), digest=art.digest, window=r["window"], tokens=r["tokens"],
         source=spec.source.label, store_key=key, stride=r["stride"], windows=r["windows"],
+        preparation=r.get("preparation", spec.source.preparation),
     )
 
 
@@ -450,6 +458,7 @@ def evaluate(
         name=target.name if is_variant else "baseline",
         method=target.method if is_variant else "none",
         path=target.path, metrics=art.record["metrics"], eval_digest=data.digest, store_key=key,
+        data=data.description(),
     )
 
 

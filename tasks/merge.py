@@ -40,6 +40,7 @@ from prefect.logging import get_run_logger
 
 from quantmill.caching import StepCache
 from quantmill.errors import QuantmillError
+from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary
 from quantmill.concurrency import gpu_slot
 from quantmill.plan import choose_merge_strategy, folder_weights, read_header
@@ -77,7 +78,17 @@ def check_adapter(adapter_dir: Path) -> dict:
             raise QuantmillError(f"adapter: {key} is set in {cfg_file}; that LoRA variant cannot be merged into the weights")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise QuantmillError(f"adapter: {adapter_dir} has no adapter_model.safetensors; save the adapter with safetensors")
+    for key, ranks in (("r", {"r": cfg.get("r", 8)}), ("rank_pattern", cfg.get("rank_pattern") or {})):
+        bad = next(((k, v) for k, v in ranks.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0), None)
+        if bad:
+            raise QuantmillError(f"adapter: {key}: {bad[1]!r}{'' if key == 'r' else f' for {bad[0]!r}'} in {cfg_file} "
+                                 "is not a positive LoRA rank; fix the adapter config (peft writes the rank it trained)")
     return cfg
+
+
+def pattern_value(cfg: dict, pattern_key: str, module: str, default: Any) -> Any:
+    """peft's rank/alpha_pattern lookup: the first key matching a suffix of the module name, else the default."""
+    return next((v for k, v in (cfg.get(pattern_key) or {}).items() if re.match(rf"(.*\.)?({k})$", module)), default)
 
 
 def _flat(node: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -197,10 +208,12 @@ def load_adapter(adapter_dir: Path, cfg: dict) -> Adapter:
             raise QuantmillError(f"adapter: {target} has lora_A but no lora_B; the adapter file is incomplete")
         if bool(cfg.get("use_dora")) != (target in ad.magnitude) or (target in ad.magnitude and target in ad.embedding):
             raise QuantmillError(f"adapter: the DoRA magnitude of {target} is missing or on an embedding; only DoRA on linear layers merges")
-        module = target.removesuffix(".weight")  # peft's alpha_pattern: the first key matching a suffix of the module
-        alpha = next((v for k, v in (cfg.get("alpha_pattern") or {}).items() if re.match(rf"(.*\.)?({k})$", module)),
-                     cfg.get("lora_alpha", 8))
-        r = a.shape[0]
+        module = target.removesuffix(".weight")
+        alpha = pattern_value(cfg, "alpha_pattern", module, cfg.get("lora_alpha", 8))
+        r, declared = a.shape[0], pattern_value(cfg, "rank_pattern", module, cfg.get("r", 8))
+        if r != declared or ad.b[target].shape[-1] != r:
+            raise QuantmillError(f"adapter: r: adapter_config.json declares rank {declared} for {module} but its "
+                                 f"lora_A/lora_B tensors have rank {r}; the config does not match the weights")
         ad.scale[target] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return ad
 
@@ -212,7 +225,7 @@ def read_tensor(fh, start: int, info: dict):  # noqa: ANN001, ANN201 - file, tor
     lo, hi = info["data_offsets"]
     buf = torch.empty(hi - lo, dtype=torch.uint8)
     fh.seek(start + lo)
-    fh.readinto(memoryview(buf.numpy()))
+    read_exact(fh, memoryview(buf.numpy()), "model.path")
     return buf.view(getattr(torch, DTYPES[info["dtype"]])).reshape(info["shape"])
 
 
@@ -297,7 +310,9 @@ def copy_range(src, dst, offset: int, count: int) -> None:  # noqa: ANN001 - bin
     except (OSError, AttributeError):  # another filesystem, an old kernel, not Linux
         src.seek(offset)
         for pos in range(0, count, CHUNK):
-            dst.write(src.read(min(CHUNK, count - pos)))
+            buf = memoryview(bytearray(min(CHUNK, count - pos)))
+            read_exact(src, buf, "model.path")
+            dst.write(buf)
 
 
 def memory_merge(shards: list[Path], out_dir: Path, job: MergeJob) -> None:
@@ -368,6 +383,8 @@ def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, spec: Merge | N
                 stream_shard(src, out_dir / src.name, job)
         else:
             memory_merge(shards, out_dir, job)
+    for shard in sorted(out_dir.glob("*.safetensors")):  # what was written covers its header exactly
+        check_safetensors(shard, "merge output")
     for pattern in (*META_PATTERNS, "*.safetensors.index.json"):
         for f in base_dir.glob(pattern):
             shutil.copy2(f, out_dir / f.name)

@@ -50,12 +50,13 @@ def post_to_prefect(report: dict[str, Any]) -> str:
 @task(name="publish-report", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
 def publish_report(
     run_id: str, rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", device: str = "",
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the comparison report and publish it to the MLflow run and as a Prefect table artifact."""
     from tasks.evaluate import device_name
 
-    report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes)
+    report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes,
+                          evaluation=evaluation)
     log_to_mlflow(run_id, report)
     key = post_to_prefect(report)
     log.info("report saved to MLflow run %s (%s) and Prefect artifact %r", run_id, REPORT_JSON, key)

@@ -214,3 +214,191 @@ def test_hf_token_never_logged_or_tracked(tmp_path, profile, capsys, caplog, mon
         assert secret not in blob
     for mv in client.search_model_versions(f"name='{profile['registry']['model_name']}'"):
         assert secret not in str(mv.tags)
+
+
+# ---------- issue 13: integrity at the boundary, early checks, honest records ----------
+
+
+def stored_objects(tmp_path: Path) -> list[str]:
+    """Names of the artifacts committed to the test store."""
+    objects = tmp_path / "store" / "objects"
+    return sorted(p.name for p in objects.iterdir()) if objects.exists() else []
+
+
+def _truncated_model(tiny, dest: Path) -> Path:
+    shutil.copytree(tiny.model_dir, dest)
+    weights = dest / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    return dest
+
+
+def test_truncated_base_with_adapter_is_named_and_nothing_cached(tmp_path, profile, tiny, capsys):
+    profile["model"]["path"] = str(_truncated_model(tiny, tmp_path / "half"))
+    fails(tmp_path, profile, capsys, "model.path", str(tmp_path / "half" / "model.safetensors"), "truncated")
+    assert stored_objects(tmp_path) == []
+
+
+def test_truncated_base_without_adapter_is_named(tmp_path, profile, tiny, capsys):
+    profile["model"]["path"] = str(_truncated_model(tiny, tmp_path / "half"))
+    profile.pop("adapter")
+    fails(tmp_path, profile, capsys, "model.path", "model.safetensors", "truncated")
+    assert stored_objects(tmp_path) == []
+
+
+def test_model_folder_without_tokenizer(tmp_path, profile, tiny, capsys):
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny.model_dir, bare)
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    profile["model"]["path"] = str(bare)
+    last = fails(tmp_path, profile, capsys, "model.path", "no tokenizer files", "tokenizer.json", "tokenizer.model")
+    assert "Traceback" not in capsys.readouterr().err
+    assert "vocab.json + merges.txt" in last
+    assert stored_objects(tmp_path) == []
+
+
+def _adapter_with(tmp_path: Path, tiny, **cfg_changes) -> Path:
+    bad = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter_dir, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg.update(cfg_changes)
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    return bad
+
+
+def test_adapter_rank_zero_refused(tmp_path, profile, tiny, capsys):
+    profile["adapter"]["path"] = str(_adapter_with(tmp_path, tiny, r=0))
+    fails(tmp_path, profile, capsys, "adapter", "r: 0", "adapter_config.json", "positive LoRA rank")
+    assert stored_objects(tmp_path) == []
+
+
+def test_adapter_rank_disagreeing_with_tensors_refused(tmp_path, profile, tiny, capsys):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        rank = f.get_slice(next(k for k in f.keys() if "lora_A" in k)).get_shape()[0]
+    profile["adapter"]["path"] = str(_adapter_with(tmp_path, tiny, r=rank + 1))
+    fails(tmp_path, profile, capsys, "adapter: r:", f"declares rank {rank + 1}", f"tensors have rank {rank}")
+    assert not [name for name in stored_objects(tmp_path) if name.startswith("merge-")]
+
+
+def test_set_override_error_names_the_set(tmp_path, profile, capsys):
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["run", str(path), "--set", "calibration.num_samples=abc"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --set calibration.num_samples=abc: calibration.num_samples:"), last
+    assert str(path) not in last
+
+
+def test_validate_checks_local_paths(tmp_path, profile, capsys):
+    path = tmp_path / "profile.yaml"
+    profile["model"]["path"] = str(tmp_path / "no-such-model")
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["validate", str(path)]) == 2
+    assert "model.path" in capsys.readouterr().err.strip().splitlines()[-1]
+    profile["model"]["path"] = str(Path(profile["adapter"]["path"]))  # a folder, but no config.json
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["validate", str(path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_validate_missing_eval_file(tmp_path, profile, tiny, capsys):
+    path = tmp_path / "profile.yaml"
+    profile["evaluation"]["source"]["path"] = str(tmp_path / "gone.txt")
+    path.write_text(yaml.safe_dump(profile))
+    assert main(["validate", str(path)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "evaluation.source.path" in last and "gone.txt" in last and "does not exist" in last
+
+
+def test_missing_eval_file_fails_before_heavy_steps(tmp_path, profile, capsys):
+    profile["evaluation"]["source"]["path"] = str(tmp_path / "gone.txt")
+    fails(tmp_path, profile, capsys, "evaluation.source.path", "gone.txt", "does not exist")
+    assert stored_objects(tmp_path) == []  # neither merge nor calibration ran
+
+
+def test_short_calibration_fails_before_merge(tmp_path, profile, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("def f(): pass\n")
+    profile["calibration"]["source"]["path"] = str(short)
+    fails(tmp_path, profile, capsys, "calibration", "fewer than num_samples × seq_len")
+    assert stored_objects(tmp_path) == []  # the merge did not run
+
+
+def _runs(model_name: str) -> list:
+    import mlflow
+
+    uri = f"sqlite:///{state.home() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name(model_name)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_failed_run_ends_its_mlflow_run_failed(tmp_path, profile, capsys):
+    """A failure after the MLflow run started (the merge refuses the adapter): the run ends FAILED with the error."""
+    profile["adapter"]["path"] = str(_other_adapter(tmp_path))
+    last = fails(tmp_path, profile, capsys, "adapter:", "differs")
+    runs = _runs(profile["registry"]["model_name"])
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert "differs from this model" in runs[0].data.tags["quantmill.error"]
+    assert last.removeprefix("error: ") in runs[0].data.tags["quantmill.error"]
+
+
+def _can_mount() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs `unshare -m` and mount (root or user namespaces) "
+                                                          "to give storage.root a read-only or tiny filesystem")
+
+
+def fails_on_mount(tmp_path: Path, profile: dict, mount: str, *expected: str) -> str:
+    """Run the CLI in its own mount namespace where `mount` (shell, $M = tmp_path/mnt) ran first; assert one line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, subprocess_env
+
+    mnt, home = tmp_path / "mnt", tmp_path / "home"
+    mnt.mkdir()
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    script = f'M="$0"; {mount} && exec "$@"'
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mnt), sys.executable, "-m", "flows.cli", "run",
+                           str(path)], cwd=REPO, env=subprocess_env(home), capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]  # the server's goodbye may follow
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    for piece in expected:
+        assert piece in lines[-1], lines[-1]
+    import mlflow
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    if (home / "mlflow.db").exists():
+        assert mlflow.MlflowClient(uri, registry_uri=uri).search_model_versions() == []
+    return lines[-1]
+
+
+@needs_mount
+def test_storage_root_read_only(tmp_path, profile):
+    profile["storage"]["root"] = str(tmp_path / "mnt" / "store")
+    fails_on_mount(tmp_path, profile, 'mount -t tmpfs -o size=1m tmpfs "$M" && mount -o remount,ro,bind "$M"',
+                   "storage.root", str(tmp_path / "mnt" / "store"), "not writable", "Read-only file system")
+
+
+@needs_mount
+def test_disk_full_checked_before_download_and_merge(tmp_path, profile):
+    """A 256 KiB storage.root: the plan (headers) says the merged model alone will not fit, before anything runs."""
+    profile["storage"]["root"] = str(tmp_path / "mnt" / "store")
+    fails_on_mount(tmp_path, profile, 'mount -t tmpfs -o size=256k tmpfs "$M"', "storage.root", "bytes free",
+                   "needs about")

@@ -60,8 +60,40 @@ def leftovers(home: Path) -> list[Path]:
     return list(tmp.iterdir()) if tmp.exists() else []
 
 
+def mlflow_runs(home: Path, name: str) -> list:
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id])
+
+
+def flow_run_states(home: Path, ids: list[str]) -> dict[str, str]:
+    """State types of flow runs, read through the Prefect client against the state folder's database."""
+    code = ("import json, sys, uuid\n"
+            "from quantmill import state\n"
+            "state.configure_environment()\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    print(json.dumps({i: c.read_flow_run(uuid.UUID(i)).state.type.value for i in sys.argv[1:]}))\n")
+    out = subprocess.run([sys.executable, "-c", code, *ids], cwd=REPO, env=subprocess_env(home), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def alive(procs: list) -> list:
+    from quantmill.state import pid_alive
+
+    return [p for p in procs if pid_alive(p.pid)]
+
+
 @pytest.mark.slow
 def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
+    """kill -9 of `quantmill run` alone (not its process group): nothing it started survives, the next run
+    sweeps its scratch folder, closes its MLflow run (KILLED) and flow run (Crashed), and registers as usual."""
+    import psutil
+
     name = "crash-test"
     profile = write_profile(tmp_path, demo_assets, name)
     reference = tmp_path / "reference"
@@ -75,9 +107,15 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
         while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
             assert victim.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        os.killpg(victim.pid, signal.SIGKILL)  # the whole job: CLI and its ephemeral Prefect server
+        started = psutil.Process(victim.pid).children(recursive=True)
+        assert any("uvicorn" in " ".join(c.cmdline()) for c in started)  # the temporary server
+        os.kill(victim.pid, signal.SIGKILL)  # the CLI only: what it started must not outlive it
         victim.wait(30)
+    time.sleep(10)
+    assert alive(started) == [], [c.cmdline() for c in alive(started)]
     assert registry_state(home, name) == set()
+    scratch = home / "tmp" / str(victim.pid)
+    assert scratch.is_dir()  # the killed run's temporary folder (library offload/scratch) is in the state folder
 
     out = finish(cli(home, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     states = dict(step_states(out))
@@ -86,6 +124,12 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
     assert registry_state(home, name) == registry_state(reference, name)
     assert len(registry_state(home, name)) == 2
     assert leftovers(home) == []
+    assert not scratch.exists()
+    runs = {r.info.status: r for r in mlflow_runs(home, name)}
+    assert sorted(runs) == ["FINISHED", "KILLED"], sorted(runs)
+    assert "died" in runs["KILLED"].data.tags["quantmill.error"]
+    killed_flow = runs["KILLED"].data.tags["prefect.flow_run_id"]
+    assert flow_run_states(home, [killed_flow]) == {killed_flow: "CRASHED"}
 
 
 @pytest.mark.slow
@@ -127,6 +171,9 @@ def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
         assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary server
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 128 + signal.SIGTERM
-    gone, alive = psutil.wait_procs(children, timeout=30)
-    assert not alive, [c.cmdline() for c in alive]
+    gone, still = psutil.wait_procs(children, timeout=30)
+    assert not still, [c.cmdline() for c in still]
     assert leftovers(tmp_path / "home") == []
+    (run,) = mlflow_runs(tmp_path / "home", "sigterm-test")
+    assert run.info.status == "KILLED", run.info.status
+    assert run.data.tags["quantmill.error"]

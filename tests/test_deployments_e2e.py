@@ -5,16 +5,22 @@ its parameters (what the UI's form posts), then the version it registered in the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
+import yaml
 
 from tests.conftest import subprocess_env
 
@@ -49,13 +55,14 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture()
-def prefect_api(tmp_path):
+@contextlib.contextmanager
+def prefect_server(tmp_path: Path, ui: bool = False):
     """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite database there)."""
     port = free_port()
     log = tmp_path / "server.log"
     env = subprocess_env(tmp_path / "server-home", PREFECT_HOME=str(tmp_path / "server-prefect"),
-                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower(),
+                         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -79,6 +86,13 @@ def prefect_api(tmp_path):
         stop(proc)
 
 
+@pytest.fixture()
+def prefect_api(tmp_path):
+    """A Prefect server without its UI."""
+    with prefect_server(tmp_path) as api:
+        yield api
+
+
 def cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a prefect CLI command non-interactively from the repository root; fail with its output."""
     run = subprocess.run([*PREFECT, "--no-prompt", *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -87,21 +101,57 @@ def cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.
     return run
 
 
-@pytest.mark.slow
-def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, prefect_api):
-    home = tmp_path / "worker-home"  # QUANTMILL_HOME of the worker and of the flow runs it starts
-    db = home / "mlflow.db"
+def deploy_all(tmp_path: Path, api: str, home: Path, **extra: str) -> dict[str, str]:
+    """One-time setup, as in the README: the pool prefect.yaml names, then every deployment in it."""
     env = subprocess_env(
-        home, PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "client-prefect"),
+        home, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "client-prefect"),
         PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect" / "results"), PREFECT_CLI_PROMPT="false",
-        MLFLOW_TRACKING_URI=f"sqlite:///{db}", QUANTMILL_REPO=str(REPO),
+        QUANTMILL_REPO=str(REPO), **extra,
     )
-
-    # One-time setup, as in the README: the pool prefect.yaml names, then every deployment in it.
     cli(["work-pool", "create", "quantmill", "--type", "process"], env)
     deployed = cli(["deploy", "--all"], env, timeout=600)
     for name in ("quantize/quantize", "quantize-profile-file/quantize-nightly", "sweep/sweep"):
         assert f"'{name}' successfully created" in " ".join(deployed.stdout.split()), deployed.stdout[-3000:]
+    return env
+
+
+def bad_profiles(good: dict) -> dict[str, dict]:
+    """A method typo, an unknown option (inline and under params), a width the method lacks, no recipes."""
+    def with_recipes(*recipes: dict) -> dict:
+        return {**good, "recipes": list(recipes)}
+
+    return {
+        "method typo": with_recipes({"method": "gtpq"}),
+        "unknown option": with_recipes({"method": "rtn", "bitz": 4}),
+        "unknown param": with_recipes({"method": "rtn", "params": {"bitz": 4}}),
+        "bits the method lacks": with_recipes({"method": "awq", "bits": 8}),
+        "no recipes": with_recipes(),
+    }
+
+
+def undescribed(schema: dict) -> list[str]:
+    """Properties without a description in every definition and every recipe branch."""
+    missing = []
+    for def_name, definition in schema["definitions"].items():
+        for obj in [definition, *definition.get("anyOf", [])]:
+            where = def_name + (f"[{obj['title']}]" if obj is not definition else "")
+            missing += [f"{where}.{k}" for k, v in obj.get("properties", {}).items() if not v.get("description")]
+    return missing
+
+
+@pytest.mark.slow
+def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, prefect_api):
+    from tasks.quantize import known_methods
+
+    deployer_home = tmp_path / "deployer-home"  # QUANTMILL_HOME where `prefect deploy` runs
+    home = tmp_path / "worker-home"  # QUANTMILL_HOME of the worker and of the flow runs it starts
+    db = home / "mlflow.db"
+    deploy_all(tmp_path, prefect_api, deployer_home)
+    env = subprocess_env(
+        home, PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "worker-prefect"),
+        PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect" / "results"), MLFLOW_TRACKING_URI=f"sqlite:///{db}",
+        QUANTMILL_REPO=str(REPO),
+    )
 
     s = requests.Session()
     deployment = s.get(f"{prefect_api}/deployments/name/quantize/quantize", timeout=30).json()
@@ -113,6 +163,18 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     profile_schema = schema["definitions"]["Profile"]
     assert {"model", "calibration", "evaluation", "registry"} <= set(profile_schema["required"])
     assert {"recipes", "storage", "device"} <= set(profile_schema["properties"])
+    # Recipes: one branch per registered method (the form's method control), each with its own options.
+    branches = {b["properties"]["method"]["const"]: b for b in schema["definitions"]["Recipe"]["anyOf"]}
+    assert sorted(branches) == known_methods() and {"gptq", "awq"} <= set(branches)
+    assert all(b["additionalProperties"] is False and b["properties"]["method"]["enum"] == [m]
+               for m, b in branches.items())
+    assert {"bits", "group_size", "sym", "desc_act", "damp_percent", "kernel"} <= set(branches["gptq"]["properties"])
+    assert branches["gptq"]["properties"]["bits"]["enum"] == [2, 3, 4, 8]
+    assert {"zero_point", "clip_search", "duo_scaling", "backend"} <= set(branches["awq"]["properties"])
+    assert undescribed(schema) == []
+    # Placeholders stay placeholders: nothing of the deployer's state folder is written into the deployment.
+    assert schema["definitions"]["Storage"]["properties"]["root"]["default"] == "${QUANTMILL_HOME}/artifacts"
+    assert str(deployer_home) not in json.dumps(deployment)
     assert deployment["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     nightly = s.get(f"{prefect_api}/deployments/name/quantize-profile-file/quantize-nightly", timeout=30).json()
@@ -123,26 +185,40 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     assert sweep["parameter_openapi_schema"]["required"] == ["profile"]
     assert "Sweep" in sweep["parameter_openapi_schema"]["definitions"]
 
-    # A bad form is refused by the server before any run exists (enforce_parameter_schema).
-    bad = s.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run",
-                 json={"parameters": {"profile": {"name": "x"}}}, timeout=30)
-    assert bad.status_code == 409, bad.text
+    name = "deployed-demo"
+    profile = {
+        "name": "deploy-e2e",
+        "model": {"path": str(demo_assets.model_dir)},
+        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "recipes": [{"method": "bnb-int8"}],
+        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 2048, "window": 256,
+                       "speed": None},
+        "registry": {"model_name": name},
+        # The form's default, as the UI posts it: the placeholder, expanded by the flow run on the worker.
+        "storage": {"root": schema["definitions"]["Storage"]["properties"]["root"]["default"]},
+    }
+    # The form's own check (the UI calls it while editing) and flow-run creation refuse a bad profile before
+    # any run exists (enforce_parameter_schema); the demo profile and the profile above pass.
+    def form_check(p: dict) -> bool:
+        answer = s.post(f"{prefect_api}/ui/schemas/validate", json={"schema": schema, "values": {"profile": p}},
+                        timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["valid"]
+
+    demo = yaml.safe_load((REPO / "profiles" / "demo.yaml").read_text())
+    assert form_check(demo) and form_check(profile)
+    for why, bad in {"not a profile": {"name": "x"}, **bad_profiles(profile)}.items():
+        assert not form_check(bad), why
+        refused = s.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run",
+                         json={"parameters": {"profile": bad}}, timeout=30)
+        assert refused.status_code == 409, (why, refused.text)
+    assert s.post(f"{prefect_api}/flow_runs/count", json={}, timeout=30).json() == 0
 
     worker_log = tmp_path / "worker.log"
     worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "quantmill", "--name", "e2e-worker"],
                               cwd=tmp_path, env=env, stdout=open(worker_log, "w"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        name = "deployed-demo"
-        profile = {
-            "name": "deploy-e2e",
-            "model": {"path": str(demo_assets.model_dir)},
-            "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
-            "recipes": [{"method": "bnb-int8"}],
-            "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 2048, "window": 256,
-                           "speed": None},
-            "registry": {"model_name": name},
-        }
         # Exactly what the UI's "Custom run" form posts.
         created = s.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run",
                          json={"parameters": {"profile": profile}}, timeout=30)
@@ -167,7 +243,8 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
 
     # The flow run inherited the worker's environment: its registry is the worker's SQLite MLflow.
     assert db.exists(), f"no MLflow database at {db}: {tail(worker_log)}"
-    assert (home / "artifacts").is_dir()  # storage.root default ${QUANTMILL_HOME}/artifacts, expanded at run time
+    assert (home / "artifacts").is_dir()  # storage.root ${QUANTMILL_HOME}/artifacts, expanded in the worker's run
+    assert not (deployer_home / "artifacts").exists()
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
@@ -179,3 +256,45 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     assert parent.data.tags["prefect.flow_run_id"] == run_id
     assert parent.data.params["profile.registry.model_name"] == name
     assert parent.data.tags["mlflow.runName"] == "deploy-e2e"
+
+
+def find_chromium() -> str | None:
+    """A Chromium binary (Debian's `chromium`, or one of its usual names)."""
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def chromium(browser: str, url: str, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on `url`, given 30 s of (virtual) time for the app to fetch and render."""
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--virtual-time-budget=30000", "--window-size=1400,7000", *args, url],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_custom_run_form_in_headless_chromium(tmp_path):
+    """The Custom run page of a real server (default UI): the method control and the chosen method's fields."""
+    from tasks.quantize import known_methods
+
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no Chromium found: install Debian's `chromium` (apt-get install -y chromium; .ci/run does)")
+    with prefect_server(tmp_path, ui=True) as api:
+        deploy_all(tmp_path, api, tmp_path / "deployer-home")
+        deployment = requests.get(f"{api}/deployments/name/quantize/quantize", timeout=30).json()
+        # The page with one recipe added to the form (what "Add item" under Recipes does): the form's default.
+        added = quote(json.dumps({"profile": {"recipes": [{}]}}))
+        url = f"{api.removesuffix('/api')}/v2/deployments/deployment/{deployment['id']}/run?parameters={added}"
+        shot = tmp_path / "custom-run.png"
+        assert chromium(browser, url, f"--screenshot={shot}").returncode == 0 and shot.stat().st_size > 0
+        dom = chromium(browser, url, "--dump-dom").stdout
+    tabs = re.findall(r'role="tab" aria-selected="(true|false)"[^>]*>([^<]*)</button>', dom)
+    methods = [(selected, label) for selected, label in tabs if label in known_methods()]
+    # The method control offers every registered method; the form's default (the first) is selected.
+    assert [label for _, label in methods] == known_methods() and {"gptq", "awq"} <= set(known_methods()), tabs
+    assert [label for selected, label in methods if selected == "true"] == [known_methods()[0]]
+    text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+    labels = re.findall(r"<label[^>]*>([^<]*)</label>", dom)
+    # ...and shows that method's own fields, labelled and described.
+    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Zero Point (Optional)", "Backend (Optional)",
+            "Recipes", "Storage (Optional)"} <= set(labels), labels
+    assert "Bits (Optional) Bits per weight (AWQ is 4-bit)" in text and "desc_act" not in text, str(shot)

@@ -92,6 +92,87 @@ def test_perplexity_matches_plain_transformers_loop(setup, demo_assets, stride):
     assert result.metrics["perplexity"] < 200, "the demo model should have learned something"
 
 
+def gptq_repo_perplexity(model_dir: Path, ids: torch.Tensor, seqlen: int) -> float:
+    """Independent reference, written the way the GPTQ paper's repository evaluates (no quantmill code): the token
+    ids of the whole text, non-overlapping windows of `seqlen`, mean cross-entropy per window x seqlen, exp of the mean."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = ids[None]
+    nsamples = ids.shape[1] // seqlen
+    nlls = []
+    with torch.no_grad():
+        for i in range(nsamples):
+            batch = ids[:, i * seqlen : (i + 1) * seqlen]
+            logits = model(batch).logits
+            loss = torch.nn.CrossEntropyLoss()(logits[0, :-1].float(), batch[0, 1:])
+            nlls.append(loss.float() * seqlen)
+    return math.exp(float(torch.stack(nlls).sum() / (nsamples * seqlen)))
+
+
+def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, max_tokens: int):  # noqa: ANN201
+    """quantmill's eval-data and baseline evaluation of `model_dir` on `source` (speed off)."""
+    model = ModelRef(path=str(model_dir), sha256="demo", source="demo", summary={"max_position_embeddings": 512})
+    spec = Evaluation(source=source, max_tokens=max_tokens, window=window, speed=None)
+    data = eval_data.fn(model, spec, store)
+    return data, evaluate.fn(model, data, "cpu", store, spec=spec)
+
+
+@pytest.fixture(scope="module")
+def blank_line_text(demo_assets, tmp_path_factory) -> Path:
+    """A second held-out text: the demo's calibration text (paragraphs separated by blank lines) as a .txt."""
+    text = demo_assets.calib_path.read_text(encoding="utf-8")[:60_000]
+    assert text.count("\n\n") > 100
+    path = tmp_path_factory.mktemp("blank") / "paragraphs.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("which", ["demo_eval", "blank_lines"])
+def test_perplexity_matches_the_gptq_repository_protocol(demo_assets, blank_line_text, tmp_path, which):
+    from transformers import AutoTokenizer
+
+    path = demo_assets.eval_path if which == "demo_eval" else blank_line_text
+    window, max_tokens = 256, 16384  # the demo profile's evaluation
+    data, result = quantmill_baseline(demo_assets.model_dir, {"path": str(path)}, str(tmp_path), window, max_tokens)
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    ids = tok(path.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0][:max_tokens]  # the file as it is
+    expected = gptq_repo_perplexity(demo_assets.model_dir, ids, window)
+    assert abs(result.metrics["perplexity"] / expected - 1) < 1e-3, (result.metrics["perplexity"], expected)
+    assert result.metrics["eval_tokens"] == (ids.numel() // window) * (window - 1) == data.tokens
+    assert data.preparation == "one document read as is, tokenized once" and result.data == data.description()
+    assert result.data["window"] == result.data["stride"] == window
+
+
+def test_jsonl_joins_rows_with_blank_lines_or_packs_them_with_eos(demo_assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = [d for d in demo_assets.eval_path.read_text(encoding="utf-8").split("\n\n")][:400]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
+    window, max_tokens = 128, 8192
+
+    packed = []  # reference for join: eos: every non-empty document on its own, each followed by EOS
+    for d in docs:
+        if d.strip():
+            packed += tok(d.strip(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    packed = torch.tensor(packed[:max_tokens])
+    eos_data, eos_result = quantmill_baseline(demo_assets.model_dir, {"path": str(path), "join": "eos"},
+                                              str(tmp_path / "eos"), window, max_tokens)
+    expected = gptq_repo_perplexity(demo_assets.model_dir, packed, window)
+    assert abs(eos_result.metrics["perplexity"] / expected - 1) < 1e-3, (eos_result.metrics["perplexity"], expected)
+    assert eos_data.preparation == "rows (text) tokenized one by one, each followed by EOS"
+
+    joined_data, _ = quantmill_baseline(demo_assets.model_dir, {"path": str(path)}, str(tmp_path / "nn"), window,
+                                        max_tokens)
+    joined = tok("\n\n".join(docs), return_tensors="pt").input_ids[0][:max_tokens]  # the papers' wikitext-2 join
+    windows, _ = load_windows(joined_data.path)
+    assert torch.equal(windows.flatten(), joined[: windows.numel()])
+    assert joined_data.digest != eos_data.digest and joined_data.store_key != eos_data.store_key
+    assert int((windows == tok.eos_token_id).sum()) == 0 < int((load_windows(eos_data.path)[0] == tok.eos_token_id).sum())
+
+
 def test_baseline_metrics_speed_and_memory(setup):
     m = setup["baseline"].metrics
     assert m["ttft_ms"] > 0 and 0 < m["latency_ms_p50"] <= m["latency_ms_p95"] <= m["latency_ms_p99"]
@@ -234,6 +315,16 @@ def test_multiple_choice_accuracy_prefers_real_text(demo_assets, tmp_path):
         choice_accuracy(model, tokenizer, Evaluation.Accuracy(path=str(bad), labels=["yes", "no"]), "cpu")
 
 
+def test_model_card_says_what_the_perplexity_is_over(setup, variants):
+    from quantmill import modelcard
+
+    ckpt, result, _ = variants["light-noise"]
+    assert result.data == setup["data"].description() and result.data["preparation"]
+    card = modelcard.render("m", ckpt, result, setup["baseline"], setup["model"], setup["model"], None)
+    assert f"Perplexity: token-level exp(mean NLL) over {setup['data'].windows} windows of 256 tokens" in card
+    assert "text: one document read as is, tokenized once." in card
+
+
 def test_lm_eval_is_skipped_with_a_message_when_unavailable(caplog):
     with caplog.at_level(logging.WARNING, logger="quantmill.evaluate"):
         assert lm_eval_scores(None, None, Evaluation.LmEval(tasks=["hellaswag"]), 1) == {}
@@ -266,7 +357,12 @@ def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants,
     rows = [summary_row(ckpt, res, setup["baseline"], verdict, None) for ckpt, res, verdict in variants.values()]
     client = tracking.client()
     run_id = client.create_run(tracking.experiment_id("eval-report-test")).info.run_id
-    report = publish_report.fn(run_id, rows, setup["baseline"].metrics, "eval-report-test", "cpu")
+    report = publish_report.fn(run_id, rows, setup["baseline"].metrics, "eval-report-test", "cpu",
+                               evaluation=setup["data"].description())
+    windows = setup["data"].windows
+    said = (f"perplexity: token-level exp(mean NLL) over {windows} windows of 256 tokens, stride 256 "
+            f"({windows * 255} scored tokens) of {setup['data'].source}; text: one document read as is, tokenized once")
+    assert said in markdown(report)
 
     names = {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"report/comparison.json", "report/comparison.md", "report/ppl_vs_size.png"} <= names

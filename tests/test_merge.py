@@ -36,8 +36,11 @@ def peft_merged(base: Path, adapter: Path, dtype: torch.dtype) -> dict[str, torc
     return {k: v.detach().clone() for k, v in PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict().items()}
 
 
-def train_adapter(base: Path, out: Path, lora, quantized: bool = False, steps: int = 3):  # noqa: ANN001, ANN201
-    """Train a LoRA for a few AdamW steps (non-zero B) on a float32 or bitsandbytes-4bit base; return the peft model."""
+def train_adapter(base: Path, out: Path, lora, quantized: bool = False, steps: int = 3, before_training=None):  # noqa: ANN001, ANN201
+    """Train a LoRA for a few AdamW steps (non-zero B) on a float32 or bitsandbytes-4bit base; return the peft model.
+
+    `before_training(model)` is called on the peft model before its first forward pass.
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -45,6 +48,8 @@ def train_adapter(base: Path, out: Path, lora, quantized: bool = False, steps: i
     kwargs = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                         bnb_4bit_compute_dtype=torch.float32), "device_map": "cpu"} if quantized else {}
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **kwargs), lora)
+    if before_training is not None:
+        before_training(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 2000, (2, 32), generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
@@ -125,27 +130,61 @@ def test_rslora_multishard_half_precision_equals_peft(sharded, rs_adapter, tmp_p
         assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"} <= changed
 
 
+def lora_targets(model) -> dict[str, torch.nn.Module]:  # noqa: ANN001
+    """The LoRA layers of a peft model (`.base_layer` is the bnb 4-bit one), by their base weight's name."""
+    return {name.removeprefix("base_model.model.") + ".weight": module
+            for name, module in model.named_modules() if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")}
+
+
 @pytest.fixture(scope="module")
 def qlora(demo_assets, tmp_path_factory):
-    """A LoRA trained on the demo model loaded as bitsandbytes NF4 (CPU), and what its targets looked like in training."""
+    """A LoRA trained on the demo model loaded as bitsandbytes NF4 (CPU), and what its targets looked like in training.
+
+    bitsandbytes 0.50 repacks a 4-bit weight into its CPU kernel's layout on the first forward pass where the CPU has
+    AVX512-BF16, the layer is in eval mode and its input needs no grad (here: layer 0's q/v, fed by the frozen
+    embeddings): `weight.data` changes shape and the quant state gains `packing_format_for_cpu`, after which
+    `dequantize_4bit(w.data, w.quant_state)` decodes garbage. So the weights training saw are captured before the
+    first forward (they are frozen: training never changes them). Whether a forward repacked a layer is detected by
+    that flag; every layer it did not repack is then repacked with bitsandbytes' own `_convert_weight_packed_for_cpu`
+    (the function the forward calls), so on every CPU the fixture ends where an AVX512-BF16 machine ends and the test
+    shows that what it compares against does not depend on the kernel path.
+    """
     import bitsandbytes.functional as bnbf
     from peft import LoraConfig
 
     out = tmp_path_factory.mktemp("qlora") / "adapter"
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    model = train_adapter(demo_assets.model_dir, out, lora, quantized=True)
-    seen, deltas = {}, {}
-    for name, module in model.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            key = name.removeprefix("base_model.model.") + ".weight"
-            w = module.base_layer.weight
+    seen: dict[str, torch.Tensor] = {}
+    repacked_by_forward: set[str] = set()
+
+    def capture(model) -> None:  # noqa: ANN001
+        for key, layer in lora_targets(model).items():
+            w = layer.base_layer.weight
+            assert not getattr(w.quant_state, "packing_format_for_cpu", False), key  # the plain (saved) layout
             seen[key] = bnbf.dequantize_4bit(w.data, w.quant_state).float()
-            deltas[key] = module.get_delta_weight("default").float()
-    return out, seen, deltas
+            layer.base_layer.register_forward_hook(  # peft's save_pretrained undoes the repack: look after each forward
+                lambda m, _i, _o, key=key: repacked_by_forward.add(key) if getattr(m.weight.quant_state, "packing_format_for_cpu", False) else None)
+
+    model = train_adapter(demo_assets.model_dir, out, lora, quantized=True, before_training=capture)
+    deltas, naive = {}, {}
+    for key, layer in lora_targets(model).items():
+        w = layer.base_layer.weight
+        if not getattr(w.quant_state, "packing_format_for_cpu", False):
+            w.data, w.quant_state = bnbf._convert_weight_packed_for_cpu(w.data, w.quant_state)
+        deltas[key] = layer.get_delta_weight("default").float()
+        naive[key] = bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    return out, seen, deltas, {"repacked_by_forward": repacked_by_forward, "naive_after_repack": naive}
 
 
 def test_qlora_detected_and_both_merge_modes(demo_assets, qlora, tmp_path):
-    adapter, seen, deltas = qlora
+    adapter, seen, deltas, kernel = qlora
+    # the CPU kernel path was taken where bitsandbytes says the CPU has it (and only there) ...
+    import bitsandbytes.functional as bnbf
+
+    layer0 = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"}
+    assert kernel["repacked_by_forward"] == (layer0 if bnbf.has_avx512bf16() else set())
+    # ... and reading the repacked weights as plain NF4 (the old fixture) is far off, so the capture matters
+    assert all((kernel["naive_after_repack"][k] - seen[k]).abs().max() > 1e-2 for k in seen)
     full = merge_lora(demo_assets.model_dir, adapter, tmp_path / "full", Merge(qlora_merge="full_precision"))
     deq = merge_lora(demo_assets.model_dir, adapter, tmp_path / "deq", Merge(qlora_merge="dequantized", strategy="streaming"))
     finding = full["adapter_training"]

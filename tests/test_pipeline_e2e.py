@@ -44,6 +44,7 @@ def mlflow_client(home: Path):
 def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
     home = tmp_path / "home"
     first = run_cli(home, "demo")
+    assert "perplexity: token-level exp(mean NLL) over 64 windows of 256 tokens, stride 256" in first.stdout
     client = mlflow_client(home)
     versions = client.search_model_versions("name='quantmill-demo'")
     assert len(versions) >= 3, first.stdout[-3000:]
@@ -64,6 +65,11 @@ def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
         assert run.data.metrics[f"{t['variant']}.perplexity"] == pytest.approx(float(t["perplexity"]), rel=1e-5)
         assert run.data.metrics[f"{t['variant']}.size_bytes"] == float(t["size_bytes"])
     assert run.data.params["profile.registry.model_name"] == "quantmill-demo"
+    baseline_run = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                      "and tags.mlflow.runName = 'evaluate/baseline'")[0]
+    assert baseline_run.data.params["preparation"] == "one document read as is, tokenized once"
+    assert (baseline_run.data.params["window"], baseline_run.data.params["stride"]) == ("256", "256")
+    assert int(baseline_run.data.params["tokens"]) == int(baseline_run.data.params["windows"]) * 255
     rtn = next(mv for mv in versions if mv.tags["method"] == "rtn")
     assert rtn.tags["group_size"] == "64"
     champion = client.get_model_version_by_alias("quantmill-demo", "champion")

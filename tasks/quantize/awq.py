@@ -32,14 +32,16 @@ _PATCH_LOCK = threading.Lock()
 class AWQConfig(GroupedConfig):
     """AWQ: 4-bit, group_size, zero_point, clip_search, duo_scaling, backend (gptqmodel|autoawq), kernel."""
 
-    bits: Literal[4] = 4
-    zero_point: bool = True
+    bits: Literal[4] = Field(4, description="Bits per weight (AWQ is 4-bit)")
+    zero_point: bool = Field(True, description="Asymmetric quantization with a zero-point per group")
     # Scale search itself is AWQ (without it AWQ is RTN); neither backend can switch it off. These two tune it:
-    clip_search: bool = True  # search a per-group clipping threshold after scaling (both backends: apply_clip)
-    duo_scaling: bool = True  # scale from activation *and* weight statistics rather than activations alone
-    backend: Literal["gptqmodel", "autoawq"] = "gptqmodel"
-    kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = "auto"
-    batch_size: int = Field(1, ge=1)
+    clip_search: bool = Field(True, description="Search a per-group clipping threshold after scaling")
+    duo_scaling: bool = Field(True, description="Scale from activation and weight statistics, not activations alone")
+    backend: Literal["gptqmodel", "autoawq"] = Field(
+        "gptqmodel", description="Implementation: GPTQModel, or AutoAWQ (pip install autoawq)")
+    kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = Field(
+        "auto", description="GPTQModel kernel of the quantized layers (on CPU: auto or torch)")
+    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass")
 
     def default_max_ppl_increase_pct(self) -> float:
         """AWQ is expected to stay within 3% of the fp baseline."""
@@ -119,7 +121,7 @@ def _quantize_autoawq(config: AWQConfig, job: QuantizeJob) -> None:
                     "version": "GEMM"}
     job.progress(f"awq(autoawq): quantizing with {len(rows)} calibration samples")
     model.quantize(tokenizer, quant_config=quant_config, calib_data=rows, max_calib_samples=len(rows),
-                   max_calib_seq_len=len(rows[0]), apply_clip=config.clip_search, duo_scaling=config.duo_scaling)
+                   max_calib_seq_len=max(len(r) for r in rows), apply_clip=config.clip_search, duo_scaling=config.duo_scaling)
     model.save_quantized(str(job.out_dir))
 
 

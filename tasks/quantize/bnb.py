@@ -10,6 +10,13 @@ On disk (`model.safetensors`, `config.json` with `quantization_config.quant_meth
   Everything else (embeddings, norms, skip_modules such as lm_head) stays in the load dtype (fp32 on CPU).
 Reload: `AutoModelForCausalLM.from_pretrained(out_dir)` with bitsandbytes installed; bnb >= 0.49 runs these layers on
 CPU (int8 casts activations to fp16 internally), and on CUDA with `device_map="cuda"`.
+
+CPU repacking: on a CPU with AVX512-BF16, bitsandbytes 0.50 rewrites a 4-bit layer into its CPU kernel's layout on the
+first forward pass in eval mode (`weight.data` [out, in/2], absmax transposed to bf16, `quant_state.packing_format_for_cpu`).
+Its inverse, run when such a layer is saved, is lossy (bf16 absmax, re-quantized double quant) and without double
+quant wrong (absmax left transposed), and `dequantize_4bit` misreads the repacked bytes. So the model quantized here
+keeps the portable layout until its checkpoint is written (`hold_cpu_repacking` / `release_cpu_repacking`), and
+saving or reading a layer that is repacked anyway fails instead of writing a wrong file (`require_portable_layout`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from tasks.quantize.common import (
@@ -37,8 +44,8 @@ class BnbInt8Config(FixedBitsConfig):
 
     FIXED_BITS: ClassVar[int] = 8
     BITS_HINT: ClassVar[str] = "for 4-bit use bnb-nf4 or bnb-fp4"
-    bits: int = 8
-    threshold: float = 6.0
+    bits: int = Field(8, description="Bits per weight, fixed by the method")
+    threshold: float = Field(6.0, description="Outlier threshold: activation columns above it run in fp16; 0: none")
 
     @field_validator("threshold")
     @classmethod
@@ -59,9 +66,10 @@ class Bnb4bitConfig(FixedBitsConfig):
     FIXED_BITS: ClassVar[int] = 4
     BITS_HINT: ClassVar[str] = "for 8-bit use bnb-int8; for 2/3-bit use rtn or gptq"
     QUANT_TYPE: ClassVar[str] = "nf4"
-    bits: int = 4
-    double_quant: bool = True
-    compute_dtype: ComputeDtype | None = None
+    bits: int = Field(4, description="Bits per weight, fixed by the method")
+    double_quant: bool = Field(True, description="Quantize the absmax scales too (about 0.4 bits per weight less)")
+    compute_dtype: ComputeDtype | None = Field(
+        None, description="Matmul dtype (default: float32 on CPU, bfloat16 or float16 on CUDA)")
 
     def default_max_ppl_increase_pct(self) -> float:
         """4-bit round-to-nearest: 5%."""
@@ -127,6 +135,44 @@ def is_bnb_quantized(config: FixedBitsConfig):
     return check
 
 
+def linear_4bit(model: nn.Module) -> dict[str, nn.Module]:
+    """The bitsandbytes 4-bit layers of a model, by name."""
+    import bitsandbytes as bnb
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def hold_cpu_repacking(model: nn.Module) -> None:
+    """Keep every 4-bit layer in the portable (saved) layout through forward passes: they take the plain CPU kernel."""
+    for module in linear_4bit(model).values():
+        module.support_avx512bf16_for_cpu = False
+
+
+def release_cpu_repacking(model: nn.Module) -> None:
+    """Let bitsandbytes repack the 4-bit layers for its CPU kernel again (as it does for any loaded checkpoint)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    for module in linear_4bit(model).values():
+        module.support_avx512bf16_for_cpu = bool(has_avx512bf16())
+
+
+def is_cpu_repacked(module: nn.Module) -> bool:
+    """True when a forward pass rewrote this layer's 4-bit weight into bitsandbytes' CPU kernel layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def require_portable_layout(model: nn.Module) -> None:
+    """Raise when a 4-bit layer is in the CPU kernel layout: neither its saved form nor its dequantization is exact."""
+    repacked = sorted(name for name, m in linear_4bit(model).items() if is_cpu_repacked(m))
+    if repacked:
+        raise RuntimeError(
+            f"bitsandbytes 4-bit layer {repacked[0] or type(model).__name__!r} ({len(repacked)} in all) was repacked for the CPU kernel "
+            "by a forward pass; its weights cannot be saved or read exactly: quantize again and save before any forward "
+            "pass (or call hold_cpu_repacking first)"
+        )
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """Float weight a bnb layer effectively multiplies with."""
     import bitsandbytes as bnb
@@ -134,6 +180,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     w = module.weight
     if isinstance(module, bnb.nn.Linear8bitLt):
         return w.data.float() * (w.SCB.float()[:, None] / 127.0)
+    require_portable_layout(module)
     return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
 
 
@@ -147,14 +194,17 @@ def quantize_bnb(config: FixedBitsConfig, job: QuantizeJob) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         job.model_dir, quantization_config=bnb_config(config, skip, job.device), dtype=dtype, device_map=device_map
     )
+    hold_cpu_repacking(model)  # until save_bnb has written the checkpoint
     return model.eval()
 
 
 def save_bnb(model: nn.Module, config: FixedBitsConfig, job: QuantizeJob) -> QuantizeResult:
     """Audit the quantized layers, save safetensors + config + tokenizer, report modules and per-layer errors."""
     quantized, kept = audit_quantized(model, config.skip_modules, is_bnb_quantized(config), config.TYPE)
+    require_portable_layout(model)
     errors = layer_errors(job.model_dir, model, quantized, dequantized_weight)
     model.save_pretrained(job.out_dir)
+    release_cpu_repacking(model)
     copy_tokenizer(job.model_dir, job.out_dir)
     qc = model.config.quantization_config
     extra = {"quant_method": "bitsandbytes", "quant_type": "int8" if qc.load_in_8bit else qc.bnb_4bit_quant_type}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
-from pydantic import field_validator
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
 from tasks.quantize.registry import MethodConfig, ModelInfo
@@ -92,14 +92,21 @@ def checkpoint_size(path: Path) -> int:
 # --- shared by methods with a fixed storage width (bnb-*, dynamic-int8, fp8) ---
 
 
+def fixed_bits_schema(schema: dict, bits: int) -> None:
+    """JSON schema: `bits` takes the one width the method stores, so the form and the server refuse others."""
+    schema["properties"]["bits"]["enum"] = [bits]
+
+
 class FixedBitsConfig(MethodConfig):
     """Base of methods whose weight width is fixed: `bits` may be stated but must equal FIXED_BITS."""
 
     FIXED_BITS: ClassVar[int] = 8
     SWEEP_AXES: ClassVar[tuple[str, ...]] = ()
     BITS_HINT: ClassVar[str] = ""
-    bits: int = 8
-    skip_modules: tuple[str, ...] = DEFAULT_KEEP
+    model_config = ConfigDict(json_schema_extra=lambda schema, cls: fixed_bits_schema(schema, cls.FIXED_BITS))
+    bits: int = Field(8, description="Bits per weight, fixed by the method")
+    skip_modules: tuple[str, ...] = Field(
+        DEFAULT_KEEP, description="Modules left unquantized: exact names or dotted suffixes such as 'o_proj'")
 
     @field_validator("bits")
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from tasks.quantize.common import (
@@ -35,8 +36,10 @@ class DynamicInt8Config(FixedBitsConfig):
     """int8 weights (scale per output row or per tensor); int8 activations with per-token scales at run time."""
 
     BITS_HINT: ClassVar[str] = "for 4-bit weights use bnb-nf4, rtn or gptq"
-    granularity: Literal["per_row", "per_tensor"] = "per_row"
-    activation_mapping: Literal["symmetric", "asymmetric"] = "symmetric"
+    granularity: Literal["per_row", "per_tensor"] = Field(
+        "per_row", description="Weight scales: one per output row, or one per tensor")
+    activation_mapping: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="Activation quantization: symmetric, or asymmetric with a zero-point")
 
     def default_max_ppl_increase_pct(self) -> float:
         """W8A8 should be nearly lossless: 2%."""

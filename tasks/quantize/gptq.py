@@ -24,14 +24,15 @@ CPU_KERNELS = ("auto", "torch")
 class GPTQConfig(GPTQFamilyConfig):
     """GPTQ via GPTQModel: bits, group_size, desc_act (act-order), damp_percent, sym, true_sequential, kernel."""
 
-    desc_act: bool = False
+    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing activation size (g_idx)")
     # GPTQModel's group-aware reordering: act-order inside/among groups, un-permuted on save (trivial g_idx,
     # so the checkpoint stays desc_act=false); ignored with desc_act or per-channel.
-    act_group_aware: bool = True
-    damp_percent: float = Field(0.05, gt=0, lt=1)
-    true_sequential: bool = True
-    batch_size: int = Field(1, ge=1)
-    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = "auto"
+    act_group_aware: bool = Field(True, description="Group-aware act-order, undone on save (off with desc_act)")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal")
+    true_sequential: bool = Field(True, description="Quantize a block's linears one by one, each after the last")
+    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass")
+    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = Field(
+        "auto", description="GPTQModel kernel of the quantized layers (on CPU: auto or torch)")
 
     def default_max_ppl_increase_pct(self) -> float:
         """GPTQ is expected to stay within 3% of the fp baseline."""
@@ -60,15 +61,24 @@ def gptqmodel_device(device: str) -> str:
 
 
 def load_calibration(path: Path | None) -> list[dict[str, torch.Tensor]]:
-    """Calibration rows for GPTQModel: one {'input_ids', 'attention_mask'} dict per sample."""
+    """Calibration rows for GPTQModel: one {'input_ids', 'attention_mask'} dict per sample.
+
+    Packed windows are full rows; samples (an `attention_mask` in the file) are cut to their real tokens, so rows may
+    differ in length (GPTQModel pads each batch itself and masks the padding).
+    """
     if path is None:
         raise ValueError("this method needs calibration data (job.calibration is None)")
     from safetensors.torch import load_file
 
-    ids = load_file(str(path))["input_ids"]
+    data = load_file(str(path))
+    ids = data["input_ids"]
     if ids.dim() != 2 or ids.dtype != torch.int64:
         raise ValueError(f"{path}: input_ids must be int64 [num_samples, seq_len], got {ids.dtype} {list(ids.shape)}")
-    return [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    mask = data.get("attention_mask", torch.ones_like(ids))
+    if mask.shape != ids.shape:
+        raise ValueError(f"{path}: attention_mask {list(mask.shape)} does not match input_ids {list(ids.shape)}")
+    lengths = mask.sum(1).tolist()
+    return [{"input_ids": row[:n], "attention_mask": torch.ones(n, dtype=torch.long)} for row, n in zip(ids, lengths) if n]
 
 
 def parse_layer_errors(quant_log: Any, targets: list[str]) -> dict[str, float]:
@@ -132,6 +142,11 @@ def target_and_kept(model_dir: Path) -> tuple[list[str], list[str]]:
     return sorted(targets), kept_module_names(model, targets)
 
 
+def method_name(qcfg) -> str:  # noqa: ANN001 - gptqmodel QuantizeConfig
+    """The method's plain name (`gptq`, `awq`) for log lines, not the enum's repr (`METHOD.GPTQ`)."""
+    return str(getattr(qcfg.method, "value", qcfg.method))
+
+
 def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = torch.float32) -> Any:
     """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
     gptqmodel_env()
@@ -145,7 +160,7 @@ def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtyp
     # CPU: use cpu_dtype (GPTQModel's CPU default is bf16); the device comes from qcfg.device, never load()
     dtype = "auto" if job.device == "cuda" else cpu_dtype
     model = GPTQModel.load(str(job.model_dir), qcfg, dtype=dtype)
-    job.progress(f"{qcfg.method}: quantizing with {len(calibration)} calibration samples on {job.device}")
+    job.progress(f"{method_name(qcfg)}: quantizing with {len(calibration)} calibration samples on {job.device}")
     quant_log = model.quantize(calibration, batch_size=batch_size, backend=kernel, calibration_sort=None)
     model.save(str(job.out_dir))
     return quant_log or getattr(model, "quant_log", None)

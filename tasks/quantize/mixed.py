@@ -33,10 +33,10 @@ class MixedPrecision(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_size_bytes: int | None = Field(None, gt=0)
-    max_size_ratio: float | None = Field(None, gt=0, le=1)
-    keep_bits: int = 16
-    samples: int = Field(8, ge=1, le=1024)  # calibration windows the sensitivity is measured on
+    max_size_bytes: int | None = Field(None, gt=0, description="Size budget in bytes (or max_size_ratio)")
+    max_size_ratio: float | None = Field(None, gt=0, le=1, description="Size budget as a ratio of the fp16 weight size")
+    keep_bits: int = Field(16, description="Precision of the kept linears (16: fp16, the only one offered)")
+    samples: int = Field(8, ge=1, le=1024, description="Calibration windows the sensitivity is measured on")
 
     @field_validator("keep_bits")
     @classmethod

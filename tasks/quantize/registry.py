@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, ValidationError
 
 from quantmill.errors import QuantmillError
 
@@ -174,3 +174,35 @@ def build_config(name: str, params: dict[str, Any]) -> MethodConfig:
         if err["type"] == "extra_forbidden":
             msg = f"unknown option for method {name!r} (options: {', '.join(method.config_cls.model_fields)})"
         raise QuantmillError(f"{loc}: {msg}") from None
+
+
+def recipe_json_schema(handler: GetJsonSchemaHandler, common: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """JSON schema of a recipe, built from the registry: `anyOf` one object per method, told apart by `method`.
+
+    Each branch (titled with the method's name: the labels of the form's method control) holds `method`
+    (a one-value enum), the `common` properties (e.g. `name`) and the method's own options inline, with
+    their types, bounds, enums, defaults and descriptions; `additionalProperties: false` refuses the rest.
+    `params`, the same options as one nested object (as YAML profiles may write them), is accepted through
+    `patternProperties`, so one schema validates both spellings while the form shows the inline one.
+    A newly registered method appears here without any change to the profile code. `anyOf` rather than pydantic's
+    `oneOf`: Prefect's v1 UI renders only `anyOf` (v2 both); `discriminator` is an OpenAPI hint validators ignore.
+    """
+    branches = []
+    for name in known_methods():
+        method = _METHODS[name]
+        ref = handler(method.config_cls.__pydantic_core_schema__)
+        options = handler.resolve_ref_schema(ref)
+        for key, option in options.get("properties", {}).items():
+            option.setdefault("title", key.replace("_", " ").title())  # pydantic leaves nested models untitled
+            if "const" in option and "enum" not in option:  # a one-value Literal: a (one-entry) dropdown in the form
+                option["enum"] = [option["const"]]
+        method_field = {"title": "Method", "description": "Registered quantization method (the branch's title)",
+                        "type": "string", "enum": [name], "const": name, "default": name}
+        branches.append({
+            "title": name, "description": method.summary, "type": "object",
+            "properties": {"method": method_field, **common, **options.get("properties", {})},
+            "required": ["method", *options.get("required", [])],
+            "patternProperties": {"^params$": ref},
+            "additionalProperties": False,
+        })
+    return {"anyOf": branches, "discriminator": {"propertyName": "method"}}

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import field_validator, model_serializer
+from pydantic import Field, field_validator, model_serializer
 from torch import nn
 
 from tasks.quantize.common import copy_tokenizer, load_fp_model, model_info, target_linears
@@ -28,7 +28,7 @@ def check_cpu_int4_group(bits: int, group_size: int, device: str) -> None:
 class GroupedConfig(MethodConfig):
     """A group_size field (-1 = per-channel) shared by the grouped weight quantizers (rtn, gptq, awq)."""
 
-    group_size: int = 128
+    group_size: int = Field(128, description="Weights per quantization group; -1: one group per output channel")
 
     @field_validator("group_size")
     @classmethod
@@ -47,9 +47,10 @@ class GroupedConfig(MethodConfig):
 class GPTQFamilyConfig(GroupedConfig):
     """Fields and checks shared by the GPTQ-format methods (rtn, gptq)."""
 
-    bits: Literal[2, 3, 4, 8] = 4
-    sym: bool = True
-    mixed_precision: MixedPrecision | None = None  # keep the most sensitive linears in fp16 within a size budget
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
+    sym: bool = Field(True, description="Symmetric quantization (no zero-point)")
+    mixed_precision: MixedPrecision | None = Field(
+        None, description="Keep the most sensitive linears in fp16 within a size budget")
 
     @model_serializer(mode="wrap")
     def _omit_unused_mixed(self, handler):  # noqa: ANN001, ANN202

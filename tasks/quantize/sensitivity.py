@@ -53,12 +53,16 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
 
     from tasks.evaluate import LOGITS_BUDGET, topk_kl
 
-    windows = load_file(str(calib_path))["input_ids"][: params["samples"]].to(device)
+    data = load_file(str(calib_path))
+    windows = data["input_ids"][: params["samples"]].to(device)
+    masks = data.get("attention_mask", torch.ones_like(data["input_ids"]))[: params["samples"]].to(device)
     model = load_fp_model(model_dir, device)
-    batches = windows.split(max(1, LOGITS_BUDGET // (windows.shape[1] * model.config.vocab_size)))
+    size = max(1, LOGITS_BUDGET // (windows.shape[1] * model.config.vocab_size))
+    batches = list(zip(windows.split(size), masks.split(size)))
 
-    def logprobs(batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch).logits.float().log_softmax(-1).flatten(0, 1)
+    def logprobs(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # real tokens only (samples are padded)
+        ids, mask = batch
+        return model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)[mask.bool()]
 
     refs = [logprobs(b).topk(min(TOPK, model.config.vocab_size), dim=-1) for b in batches]
     targets = target_linears(model)
@@ -69,7 +73,7 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
         codes, scales, zeros = quantize_weight(original, params["bits"], params["group_size"], params["sym"])
         lin.weight.copy_(dequantize_weight(codes, scales, zeros).to(original.dtype))
         kl = sum(float(topk_kl(ref.values, ref.indices, logprobs(b)).sum()) for b, ref in zip(batches, refs))
-        out[name] = kl / windows.numel()
+        out[name] = kl / float(masks.sum())
         lin.weight.copy_(original)
     return out
 
