@@ -28,7 +28,7 @@ from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Evaluation, Gates
 from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
-from quantmill.store import ArtifactStore
+from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import token_stream
 from tasks.quantize import build_config
 
@@ -67,6 +67,7 @@ def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
     first[0] = 1
     meta = {"source": spec.source.label, "preparation": spec.source.preparation}
     save_file({"input_ids": windows.contiguous(), "first": first}, str(out / TOKENS_FILE), metadata=meta)
+    canonical_safetensors(out / TOKENS_FILE)  # same windows, same bytes: a rebuilt one keeps its digest
     return {"window": window, "stride": stride, "windows": int(windows.shape[0]), "tokens": int((window - first).sum()),
             **meta}
 

@@ -214,3 +214,29 @@ def test_refresh_propagates_to_consumers_only(monkeypatch):
     assert not refresh.should_force("register", "register-x", {"calib": calib})  # not a stored step
     with pytest.raises(QuantmillError, match="unknown step calibration; steps: download"):
         refresh.parse_steps("calibration")
+
+
+def test_canonical_safetensors_header_gives_stable_bytes(tmp_path):
+    """safetensors writes metadata in a per-process order; the store needs one byte image per content."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quantmill.store import canonical_safetensors
+
+    path = tmp_path / "t.safetensors"
+    save_file({"b": torch.arange(3), "a": torch.ones(2)}, str(path), metadata={"z": "1", "mode": "packed", "a": "x"})
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    header["__metadata__"] = dict(reversed(list(header["__metadata__"].items())))
+    shuffled = json.dumps(dict(reversed(list(header.items()))), separators=(",", ":")).encode()
+    assert len(shuffled) <= size and shuffled != raw[8:8 + size].rstrip()
+    path.write_bytes(raw[:8] + shuffled.ljust(size) + raw[8 + size:])
+    canonical_safetensors(path)
+    first = path.read_bytes()
+    path.write_bytes(raw)
+    canonical_safetensors(path)
+    assert path.read_bytes() == first
+    assert torch.equal(load_file(str(path))["b"], torch.arange(3))
