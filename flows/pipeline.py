@@ -58,7 +58,7 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     """One line of the comparison table."""
     ppl, base = result.metrics["perplexity"], baseline.metrics["perplexity"]
     return {
-        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits"),
+        "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
         "size_bytes": ckpt.size_bytes, "compression": baseline.metrics["size_bytes"] / max(ckpt.size_bytes, 1),
         "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), **{
             k: v for k, v in result.metrics.items() if k not in {"perplexity", "size_bytes", "nll"}

@@ -16,6 +16,9 @@ LOADERS = {
     "bnb-fp4": (None, "pip install bitsandbytes"),
     "dynamic-int8": (None, "pip install torchao"),
     "fp8": ("compressed-tensors", "pip install compressed-tensors"),
+    "w8a8-int8": ("compressed-tensors", "pip install compressed-tensors"),
+    "autoround": ("gptq", "pip install gptqmodel optimum"),
+    "gguf": (None, "pip install gguf"),
 }
 
 
@@ -45,6 +48,11 @@ def render(
                    ("size on disk", f"{ckpt.size_bytes} bytes (baseline {int(b.get('size_bytes', 0))})")]
     metric_rows += [(k, f"{v:.6g}") for k, v in sorted(m.items()) if k not in {"perplexity", "size_bytes"}]
     vllm_arg = f', quantization="{vllm_q}"' if vllm_q else ""
+    gguf_file = ckpt.extra.get("gguf_file")  # a GGUF export: transformers' GGUF loader, and llama.cpp instead of vLLM
+    load_kw = f', gguf_file="{gguf_file}"' if gguf_file else ""
+    vllm = f'```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```'
+    serve = (f"With llama.cpp: `llama-cli -m path/to/this/folder/{gguf_file}` (or Ollama / LM Studio)." if gguf_file
+             else f"With vLLM (GPU):\n\n{vllm}")
     return f"""---
 library_name: transformers
 tags: [quantmill, quantized, {ckpt.method}]
@@ -80,16 +88,11 @@ Held-out evaluation windows digest `{result.eval_digest}`.
 ```python
 # {extra_pip}
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
-tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")
+model = AutoModelForCausalLM.from_pretrained("path/to/this/folder"{load_kw})
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder"{load_kw})
 ```
 
-With vLLM (GPU):
-
-```python
-from vllm import LLM
-llm = LLM(model="path/to/this/folder"{vllm_arg})
-```
+{serve}
 
 From the registry: `quantmill pull {model_name}@champion ./model` or
 `mlflow.artifacts.download_artifacts("models:/{model_name}@champion")`.

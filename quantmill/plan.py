@@ -227,6 +227,9 @@ METHODS: dict[str, tuple[float, int, int | None]] = {
     "rtn": (2.0, 0, None), "gptq": (2.0, 64 * MiB, None), "awq": (2.0, 64 * MiB, None),
     "bnb-int8": (1.0, 48 * MiB, 4), "bnb-nf4": (1.0, 48 * MiB, 4), "bnb-fp4": (1.0, 48 * MiB, 4),
     "dynamic-int8": (0.5, 4 * MiB, 4), "fp8": (0.5, 0, 0),
+    # w8a8-int8 keeps norms/embeddings in the load dtype; gguf streams tensors (F32 norms; its embeddings are
+    # quantized too, so this over-estimates); autoround is a GPTQ-format writer like gptq
+    "w8a8-int8": (1.0, 0, 0), "autoround": (2.0, 64 * MiB, None), "gguf": (0.5, 0, 4),
 }
 
 

@@ -82,10 +82,12 @@ def generate(model: str, text: str, max_new_tokens: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks.quantize.gguf_export import loader_kwargs  # a GGUF export loads through transformers' GGUF loader
+
     path = local_or_pulled(model)
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path, **loader_kwargs(path))
+    lm = AutoModelForCausalLM.from_pretrained(path, **loader_kwargs(path)).eval()
     loaded = time.perf_counter()
     inputs = tok(text, return_tensors="pt")
     with torch.no_grad():

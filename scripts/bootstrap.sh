@@ -12,7 +12,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # torch first, pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,autoround]" "torch==2.13.0"
   # AutoAWQ, the optional `awq` backend users ask for by name: archived upstream and it requires triton
   # (CUDA-only), which nothing here needs; its real imports all come with gptqmodel, so install it alone.
   .venv/bin/python -m pip install --quiet --no-deps "autoawq==0.2.9"

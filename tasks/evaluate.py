@@ -132,7 +132,10 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     # workers: "Global grad_mode state changed while dynamo tracing") must fall back to eager, not fail the step.
     torch._dynamo.config.suppress_errors = True
 
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None)
+    from tasks.quantize.gguf_export import loader_kwargs  # a GGUF export: transformers' GGUF loader (dequantizes)
+
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None,
+                                                 **loader_kwargs(path))
     return model.eval()
 
 
@@ -419,7 +422,9 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         if cfg["speed"] is not None and cfg["speed"].enabled:
             metrics.update(generation_speed(model, windows, cfg["speed"], device))
         if cfg["accuracy"] is not None or cfg["lm_eval"] is not None:
-            tokenizer = AutoTokenizer.from_pretrained(target)
+            from tasks.quantize.gguf_export import loader_kwargs
+
+            tokenizer = AutoTokenizer.from_pretrained(target, **loader_kwargs(target))
             if cfg["accuracy"] is not None:
                 metrics.update(choice_accuracy(model, tokenizer, cfg["accuracy"], device))
             if cfg["lm_eval"] is not None:

@@ -35,7 +35,7 @@ def version_tags(
         SHA_TAG: ckpt.sha256,
         "variant": ckpt.name,
         "method": ckpt.method,
-        "bits": str(cfg.get("bits", "")),
+        "bits": str(cfg.get("bits", ckpt.extra.get("bits", ""))),  # gguf: from its type (extra)
         "group_size": str(cfg.get("group_size", "")),
         "method_config": str(cfg),
         "base_model": base.source,

@@ -402,3 +402,9 @@ def test_disk_full_checked_before_download_and_merge(tmp_path, profile):
     profile["storage"]["root"] = str(tmp_path / "mnt" / "store")
     fails_on_mount(tmp_path, profile, 'mount -t tmpfs -o size=256k tmpfs "$M"', "storage.root", "bytes free",
                    "needs about")
+
+
+def test_optional_autoround_missing(tmp_path, profile, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "auto_round", None)  # the optional extra is not installed
+    profile["recipes"][0] = {"method": "autoround", "bits": 4, "group_size": 64}
+    fails(tmp_path, profile, capsys, "recipes.0", "auto-round", "pip install")

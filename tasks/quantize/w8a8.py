@@ -1,0 +1,270 @@
+"""W8A8 int8 with SmoothQuant smoothing, written in the compressed-tensors format vLLM serves.
+
+Smoothing (SmoothQuant, Xiao et al. 2023): per input channel j of the linears fed by one norm (or linear),
+s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) from calibration activations; the linears' columns are multiplied by
+s and the preceding norm's weight (or linear's output rows) divided by it, so the fp model is unchanged while the
+activation outliers move into the weights. Only where a preceding module can absorb 1/s (SMOOTH_MAPS, per
+architecture). Then int8 weights per output channel (RTN, or GPTQ through GPTQModel on the smoothed model) and int8
+activations: static per tensor (scale = calibrated absmax / 127) or dynamic per token.
+
+On disk (`model.safetensors`): each targeted linear has `<linear>.weight` int8 [out, in], `<linear>.weight_scale`
+[out, 1] and, for static activations, `<linear>.input_scale` [1] (scales in the model dtype; symmetric, so no zero
+points); norms carry the smoothed weights. `config.json` carries `quant_method: compressed-tensors`,
+`format: int-quantized`, `quantization_status: compressed`, one group targeting `Linear` with `weights: {num_bits: 8,
+type: int, strategy: channel, symmetric: true, dynamic: false}` and `input_activations: {num_bits: 8, type: int,
+strategy: tensor, symmetric: true, dynamic: false}` (dynamic: `strategy: token, dynamic: true`), `ignore` = the
+unquantized linears: what vLLM maps to CompressedTensorsW8A8Int8. CPU reload: `from_pretrained(out_dir)` with
+compressed-tensors (0.20): weights are decompressed (int8 * scale) and every targeted linear's forward
+quantize-dequantizes its input with input_scale (static) or per-token scales (dynamic).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tasks.quantize.common import FixedBitsConfig, copy_tokenizer, load_fp_model, relative_error, target_linears
+from tasks.quantize.fp8 import check_fused_groups
+from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+
+INT8_MAX = 127.0
+
+
+@dataclass(frozen=True)
+class SmoothMap:
+    """Inside one decoder layer: the module whose output feeds `balance` (absorbs 1/s) and those linears (take s)."""
+
+    prev: str
+    balance: tuple[str, ...]
+
+
+LLAMA_LIKE = (
+    SmoothMap("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    SmoothMap("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    SmoothMap("mlp.up_proj", ("mlp.down_proj",)),  # down_proj's input is silu(gate) * up: linear in up's rows
+)
+# architecture -> (decoder layers' container, smoothing maps inside each layer)
+SMOOTH_MAPS: dict[str, tuple[str, tuple[SmoothMap, ...]]] = {
+    "LlamaForCausalLM": ("model.layers", LLAMA_LIKE),
+    "Qwen2ForCausalLM": ("model.layers", LLAMA_LIKE),
+}
+
+
+class W8A8Int8Config(FixedBitsConfig):
+    """int8 weights per channel + int8 activations (static per tensor or dynamic per token), SmoothQuant smoothing."""
+
+    BITS_HINT: ClassVar[str] = "for 4-bit weights use rtn, gptq, awq or autoround"
+    smoothing_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="SmoothQuant migration strength (0.5-0.8 typical); null = no smoothing")
+    weights: Literal["rtn", "gptq"] = Field(
+        "rtn", description="int8 per-channel weights by round-to-nearest or GPTQ (GPTQModel, calibrated)")
+    activations: Literal["static", "dynamic"] = Field(
+        "static", description="int8 activations: static per-tensor scale from calibration, or dynamic per token")
+
+    def variant_name(self) -> str:
+        """w8a8-int8[-gptq][-dynamic][-nosmooth]."""
+        return "w8a8-int8" + "".join(s for s, on in (("-gptq", self.weights == "gptq"),
+                                                     ("-dynamic", self.activations == "dynamic"),
+                                                     ("-nosmooth", self.smoothing_alpha is None)) if on)
+
+    def default_max_ppl_increase_pct(self) -> float:
+        """W8A8 int8 should be nearly lossless: 2%."""
+        return 2.0
+
+    def check_model(self, info: ModelInfo) -> None:
+        """Smoothing needs the architecture's norm/linear map; GPTQ packing needs in_features % 32."""
+        super().check_model(info)
+        if self.smoothing_alpha is not None and info.architecture not in SMOOTH_MAPS:
+            raise ValueError(f"smoothing_alpha: no smoothing map for {info.architecture} (known: "
+                             f"{', '.join(SMOOTH_MAPS)}); set smoothing_alpha: null to quantize without smoothing")
+        if self.weights == "gptq":
+            for name, in_features in info.linear_in_features.items():
+                if in_features % 32:
+                    raise ValueError(f"weights=gptq: in_features={in_features} of {name} is not a multiple of 32")
+
+
+@torch.no_grad()
+def activation_absmax(
+    model: nn.Module, names: list[str], rows: torch.Tensor | list[torch.Tensor], batch: int = 4
+) -> dict[str, torch.Tensor]:
+    """Per input channel max |x| of each named linear over the calibration rows (fp32); equal-length rows batched."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_mod, args):  # noqa: ANN001, ANN202
+            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0)
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        device = next(model.parameters()).device
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for row in rows:
+            by_length.setdefault(row.shape[-1], []).append(row)
+        for same in by_length.values():
+            for chunk in torch.stack(same).split(batch):
+                model(input_ids=chunk.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, arch: str, stats: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Apply SmoothQuant in place; return the smoothed per-channel input absmax of every balanced linear."""
+    container, maps = SMOOTH_MAPS[arch]
+    smoothed: dict[str, torch.Tensor] = {}
+    for i, _layer in enumerate(model.get_submodule(container)):
+        for m in maps:
+            prev = model.get_submodule(f"{container}.{i}.{m.prev}")
+            names = [f"{container}.{i}.{b}" for b in m.balance]
+            linears = [model.get_submodule(n) for n in names]
+            act = stats[names[0]]
+            w_max = torch.stack([lin.weight.abs().float().amax(0) for lin in linears]).amax(0)
+            s = (act.clamp_min(1e-5).pow(alpha) / w_max.clamp_min(1e-5).pow(1 - alpha)).clamp_min(1e-5)
+            absorb(prev, s)
+            for name, lin in zip(names, linears):
+                lin.weight.mul_(s.to(lin.weight.dtype))
+                smoothed[name] = act / s
+    return smoothed
+
+
+def absorb(prev: nn.Module, s: torch.Tensor) -> None:
+    """Divide the preceding module's output channels by s: a norm's weight, or a linear's rows (and bias)."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None].to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    elif getattr(prev, "weight", None) is not None and prev.weight.shape == s.shape:
+        prev.weight.div_(s.to(prev.weight.dtype))
+    else:
+        raise ValueError(f"cannot absorb smoothing factors into {type(prev).__name__} (no per-channel weight)")
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 [out, in], fp32 scale [out, 1]) with scale = row absmax / 127."""
+    w = w.detach().float()
+    scale = (w.abs().amax(1, keepdim=True) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def gptq_int8(model: nn.Module, job: QuantizeJob, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ (GPTQModel, 8-bit sym per channel) on the smoothed fp model: {linear: (int8 weight, fp32 [out, 1])}."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from gptqmodel import QuantizeConfig
+
+    from tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
+    from tasks.quantize.rtn import unpack_int32
+
+    with tempfile.TemporaryDirectory(prefix="w8a8-gptq-") as tmp:
+        smoothed_dir, gptq_dir = Path(tmp) / "smoothed", Path(tmp) / "gptq"
+        model.save_pretrained(smoothed_dir)
+        copy_tokenizer(job.model_dir, smoothed_dir)
+        qcfg = QuantizeConfig(bits=8, group_size=-1, sym=True, desc_act=False, act_group_aware=False, format="gptq",
+                              device=gptqmodel_device(job.device))
+        run_gptqmodel(replace(job, model_dir=smoothed_dir, out_dir=gptq_dir), qcfg, "gptq_torch", 1)
+        out = {}
+        for shard in sorted(gptq_dir.glob("*.safetensors")):
+            with safe_open(str(shard), "pt") as f:
+                for name in (n for n in names if f"{n}.qweight" in f.keys()):
+                    codes = unpack_int32(f.get_tensor(f"{name}.qweight"), 8, 0).t()  # [out, in]
+                    zeros = unpack_int32(f.get_tensor(f"{name}.qzeros"), 8, 1)[0] + 1  # v1 stores zero-1
+                    scale = f.get_tensor(f"{name}.scales").float()[0][:, None]
+                    out[name] = ((codes - zeros[:, None]).clamp(-128, 127).to(torch.int8), scale)
+    missing = sorted(set(names) - set(out))
+    if missing:
+        raise RuntimeError(f"w8a8-int8: GPTQModel did not quantize {missing[0]}")
+    return out
+
+
+def compressed_tensors_config(activations: str, ignore: list[str]) -> dict:
+    """The `quantization_config` vLLM maps to CompressedTensorsW8A8Int8 (static per-tensor or dynamic per-token)."""
+    def args(strategy: str, dynamic: bool) -> dict:
+        return {"num_bits": 8, "type": "int", "strategy": strategy, "symmetric": True, "dynamic": dynamic,
+                "group_size": None, "block_structure": None, "actorder": None,
+                "observer": None if dynamic else "minmax"}
+
+    inputs = args("token", True) if activations == "dynamic" else args("tensor", False)
+    group = {"targets": ["Linear"], "weights": args("channel", False), "input_activations": inputs,
+             "output_activations": None, "format": "int-quantized"}
+    return {"quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": sorted(ignore), "kv_cache_scheme": None,
+            "sparsity_config": {}, "global_compression_ratio": None}
+
+
+def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path) -> None:
+    """model.safetensors (int8 linears + scales, the rest in the model dtype) and config.json with qcfg."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if k.removesuffix(".weight") not in quantized}
+    for name, tensors in quantized.items():
+        state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qcfg
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+
+
+def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
+    """The calibration input_ids the step tokenized, one 1-D row per sample (samples may differ in length)."""
+    from tasks.quantize.gptq import load_calibration
+
+    return [r["input_ids"] for r in load_calibration(job.calibration)]
+
+
+@register_method("w8a8-int8", W8A8Int8Config, calibrated=True)
+def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
+    """W8A8 int8 (SmoothQuant + per-channel int8 weights + static/dynamic int8 activations), compressed-tensors."""
+    model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; statistics in fp32
+    arch = (model.config.architectures or [type(model).__name__])[0]
+    targets = target_linears(model, config.skip_modules)
+    check_fused_groups(model, targets)
+    out_emb = model.get_output_embeddings()
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and out_emb in targets.values():
+        raise ValueError("skip_modules: lm_head is tied to the input embeddings; keep it (add 'lm_head')")
+    rows = calibration_rows(job)
+    job.progress(f"w8a8-int8: activation statistics on {len(rows)} calibration samples "
+                 f"({sum(r.numel() for r in rows)} tokens)")
+    stats = activation_absmax(model, sorted(targets), rows)
+    if config.smoothing_alpha is not None:
+        stats |= smooth(model, arch, stats, config.smoothing_alpha)
+    names = sorted(targets)
+    originals = {n: targets[n].weight.detach().float().clone() for n in names}
+    if config.weights == "gptq":
+        q = gptq_int8(model, job, names)
+    else:
+        q = {n: quantize_int8_rows(targets[n].weight) for n in names}
+    dtype = model.dtype
+    packed, errors = {}, {}
+    for n in names:
+        w8, scale = q[n]
+        packed[n] = {"weight": w8.cpu(), "weight_scale": scale.to(dtype).cpu()}
+        if config.activations == "static":
+            packed[n]["input_scale"] = (stats[n].max() / INT8_MAX).clamp_min(1e-8).reshape(1).to(dtype).cpu()
+        errors[n] = relative_error(originals[n], w8.float() * scale)
+    kept = sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
+    save_checkpoint(model, packed, compressed_tensors_config(config.activations, ignore), job.out_dir)
+    copy_tokenizer(job.model_dir, job.out_dir)
+    job.progress(f"w8a8-int8: {len(names)} linears int8 ({config.weights}), activations {config.activations}, "
+                 f"smoothing alpha={config.smoothing_alpha}")
+    extra = {"quant_method": "compressed-tensors", "format": "int-quantized", "activations": config.activations,
+             "smoothing_alpha": config.smoothing_alpha, "weights": config.weights}
+    return QuantizeResult(quantized_modules=names, kept_modules=kept, layer_errors=errors, extra=extra)
