@@ -37,7 +37,10 @@ def console():  # noqa: ANN201 - rich.console.Console
     """A rich console (160 columns when not a terminal)."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 160)
+    from quantmill.console import stream
+
+    out = stream()  # the terminal, also while a run sends third-party output to its debug log
+    return Console(file=out, width=None if out.isatty() else 160)
 
 
 def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -> None:
@@ -76,7 +79,11 @@ def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize"
     """Validate the profile, run the quantize (or sweep) flow, print the summary; returns the RunSummary."""
     from quantmill.profile import load_profile
 
-    profile = load_profile(path, list(overrides))
+    return run_loaded(load_profile(path, list(overrides)), flow_name)
+
+
+def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
+    """Run the quantize (or sweep) flow on a validated profile, print the summary; returns the RunSummary."""
     from quantmill.tracking import check_reachable
 
     check_reachable()
@@ -94,13 +101,15 @@ def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    run_profile(args.profile, args.set or [])
-    return 0
+    from flows.cache_cli import run_command
+
+    return run_command(args, run_loaded)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    run_profile(args.profile, args.set or [], flow_name="sweep")
-    return 0
+    from flows.cache_cli import run_command
+
+    return run_command(args, run_loaded, flow_name="sweep")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -127,9 +136,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from quantmill.demo import build_demo_assets
 
     root = os.environ.get("QUANTMILL_DEMO_ROOT") or state.home() / "demo"
-    assets = build_demo_assets(Path(root), arch="llama", with_adapter=True)
-    os.environ["QUANTMILL_DEMO"] = str(assets.root)
-    run_profile(str(PROFILES / "demo.yaml"), args.set or [])
+    from quantmill.console import run_console, say
+
+    with run_console(args.verbose) as log:
+        try:
+            assets = build_demo_assets(Path(root), arch="llama", with_adapter=True)
+            os.environ["QUANTMILL_DEMO"] = str(assets.root)
+            run_profile(str(PROFILES / "demo.yaml"), args.set or [])
+        finally:
+            say(f"debug log (third-party output): {log}")
     return 0
 
 
@@ -186,13 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import)."""
     parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run a profile through the pipeline")
-    p.add_argument("profile")
+    from flows.cache_cli import add_commands, add_run_options
+
+    p = sub.add_parser("run", help="run a profile (or --preset NAME --model PATH) through the pipeline")
+    p.add_argument("profile", nargs="?")
     p.add_argument("--set", action="append", metavar="dotted.key=value", help="override a profile field")
+    add_run_options(p)
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("sweep", help="run a profile's recipes and sweep.grid in parallel (threads or Dask)")
-    p.add_argument("profile")
+    p.add_argument("profile", nargs="?")
     p.add_argument("--set", action="append", metavar="dotted.key=value", help="override a profile field")
+    add_run_options(p)
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("validate", help="check a profile without running anything")
     p.add_argument("profile")
@@ -204,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("demo", help="build the demo model (once) and run profiles/demo.yaml")
     p.add_argument("--set", action="append", metavar="dotted.key=value")
+    p.add_argument("-v", "--verbose", action="store_true", help="show third-party output live (it always goes to the debug log)")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("pull", help="download a registered version for serving (NAME@ALIAS or NAME/VERSION)")
     p.add_argument("ref")
@@ -218,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     p.set_defaults(fn=cmd_report)
+    add_commands(sub)
     return parser
 
 

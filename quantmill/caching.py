@@ -12,9 +12,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.settings import get_current_settings
 from pydantic import BaseModel
 
+from quantmill import refresh
 from quantmill.hashing import sha256_file
 from quantmill.refs import Ref
-from quantmill.store import ArtifactStore, artifact_key
+from quantmill.store import ArtifactStore, artifact_key, note_inputs
 
 log = logging.getLogger("quantmill.cache")
 
@@ -75,7 +76,9 @@ class StepCache(CachePolicy):
         """The key of a run with these inputs (task bodies use it as their store key)."""
         if self.normalize is not None:
             inputs = self.normalize(dict(inputs))
-        return step_key(self.step, self.code_version, inputs, self.exclude)
+        key = step_key(self.step, self.code_version, inputs, self.exclude)
+        note_inputs(key, refresh.input_keys(inputs))
+        return key
 
     def compute_key(
         self,
@@ -86,6 +89,10 @@ class StepCache(CachePolicy):
     ) -> Optional[str]:
         key = self.key_for(inputs)
         record = Path(get_current_settings().results.local_storage_path) / key
+        if refresh.active():  # --refresh/--no-cache: drop the record so the task runs, and rebuild its artifact
+            if refresh.should_force(self.step, key, self.normalize(dict(inputs)) if self.normalize else inputs):
+                record.unlink(missing_ok=True)
+                return key
         if self.verifier is not None and record.exists():
             problem = self.verifier(key, inputs)
             if problem is not None:

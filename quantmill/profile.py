@@ -271,6 +271,8 @@ class Storage(Strict):
 
     root: str = Field("${QUANTMILL_HOME}/artifacts", validate_default=True,
                       description="Folder or fsspec URL; ${VARS} expand in the flow run's (worker's) environment")
+    keep: Literal["all", "registered"] = Field(
+        "all", description="registered: drop unregistered variants' checkpoints when `quantmill run` ends")
 
     @field_validator("root")
     @classmethod
@@ -305,8 +307,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        from tasks.quantize import build_config
+        from tasks.quantize import build_config, get_method
 
+        self.method = get_method(self.method).name  # an alias (e.g. bnb-4bit) is recorded as its canonical name
         config = build_config(self.method, self.params)
         self.params = config.model_dump(mode="json")
         if self.name is None:

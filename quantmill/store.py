@@ -26,6 +26,39 @@ DISK_MESSAGE = re.compile(rf"os error ({'|'.join(str(n) for n in sorted(DISK_ERR
 log = logging.getLogger("quantmill.store")
 
 
+_INPUTS: dict[str, list[str]] = {}  # key -> store keys of the artifacts it was built from (this process)
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Rewrite a .safetensors header with sorted keys, in place: safetensors writes `__metadata__` in a per-process
+    random order, so identical tensors and metadata would give different bytes, digests and downstream cache keys."""
+    import struct
+
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        text = json.dumps(json.loads(fh.read(size)), sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:  # same content, compact: never longer; padded with spaces as safetensors does
+            fh.seek(8)
+            fh.write(text + b" " * (size - len(text)))
+
+
+def note_inputs(key: str, parents: list[str]) -> None:
+    """Remember which artifacts `key` is built from; its manifest records them (cache ls/prune lineage)."""
+    _INPUTS[key] = sorted(set(parents))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored artifact as `quantmill cache ls` shows it."""
+
+    key: str
+    step: str
+    size_bytes: int
+    created: float
+    digest: str
+    inputs: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A committed artifact: where it is, its content digest, the record its step returned."""
@@ -189,7 +222,8 @@ class ArtifactStore:
         """Write the manifest and atomically move a staged folder into place."""
         files = manifest_of(staged, skip=[MANIFEST])
         digest = manifest_digest(files)
-        manifest = {"key": key, "digest": digest, "files": files, "record": record, "created": time.time()}
+        manifest = {"key": key, "digest": digest, "files": files, "record": record, "created": time.time(),
+                    "inputs": _INPUTS.get(key, [])}
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
         final = self.path(key)
         if final.exists():
@@ -201,7 +235,10 @@ class ArtifactStore:
         self, key: str, build: Callable[[Path], dict[str, Any]], *, force: bool = False
     ) -> Artifact:
         """Return the verified artifact for `key`, building it (once, under a lock) if needed."""
+        from quantmill import refresh
+
         with self.lock(key):
+            force = force or refresh.take(key)
             problem = self.verify(key)
             if problem is not None and not force and self.url is not None and self.fetch(key):
                 problem = self.verify(key)
@@ -230,4 +267,52 @@ class ArtifactStore:
                 shutil.rmtree(staged, ignore_errors=True)
             if self.url is not None:
                 self.publish(key)
+            if force:
+                refresh.rebuilt(key)
             return art
+
+    def entries(self) -> list[Entry]:
+        """Every committed artifact (unreadable manifests are listed with step '?'), oldest first."""
+        out = []
+        for final in (self.root / "objects").iterdir():
+            try:
+                saved = json.loads((final / MANIFEST).read_text())
+                size = sum(e["size"] for e in saved["files"].values())
+                out.append(Entry(final.name, final.name.rsplit("-", 1)[0], size, float(saved.get("created", 0)),
+                                 saved.get("digest", ""), tuple(saved.get("inputs", []))))
+            except (OSError, ValueError, KeyError):
+                size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+                out.append(Entry(final.name, "?", size, final.stat().st_mtime, "", ()))
+        return sorted(out, key=lambda e: e.created)
+
+    def in_use(self, key: str) -> bool:
+        """True while another process (or thread) holds the lock of `key` (a run is building it)."""
+        path = self.root / "locks" / f"{key}.lock"
+        if not path.exists():
+            return False
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+    def remove(self, key: str) -> int | None:
+        """Delete one artifact unless its lock is held; bytes freed, or None when it is in use."""
+        final = self.path(key)
+        with open(self.root / "locks" / f"{key}.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            try:
+                if not final.exists():
+                    return 0
+                size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+                trash = self.root / "trash" / f"{key}.{uuid.uuid4().hex}"
+                os.replace(final, trash)  # atomic: a reader sees the artifact whole or missing
+                shutil.rmtree(trash, ignore_errors=True)
+                return size
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)

@@ -13,7 +13,7 @@ from quantmill.caching import StepCache
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef
-from quantmill.store import ArtifactStore
+from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import draw_samples, draw_windows, token_stream
 
 CODE_VERSION = "2"  # 2: .txt read as one document, rows joined with "\n\n" by default
@@ -41,6 +41,7 @@ def build_calibration(model: ModelRef, spec: Calibration, out) -> dict:  # noqa:
         tensors = {"input_ids": draw_windows(stream, spec.num_samples, spec.seq_len, spec.seed)}
     meta = {"source": spec.source.label, "mode": str(spec.mode), "preparation": spec.source.preparation}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / TOKENS_FILE), metadata=meta)
+    canonical_safetensors(out / TOKENS_FILE)  # same windows, same bytes: a rebuilt calibration keeps its digest
     mask = tensors.get("attention_mask")
     return {"tokens": int(mask.sum() if mask is not None else tensors["input_ids"].numel()), **meta}
 

@@ -23,11 +23,12 @@ import torch
 from prefect import task
 
 from quantmill.caching import StepCache
+from quantmill.console import progress
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Evaluation, Gates
 from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
-from quantmill.store import ArtifactStore
+from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import token_stream
 from tasks.quantize import build_config
 
@@ -66,6 +67,7 @@ def make_windows(model: ModelRef, spec: Evaluation, out: Path) -> dict:
     first[0] = 1
     meta = {"source": spec.source.label, "preparation": spec.source.preparation}
     save_file({"input_ids": windows.contiguous(), "first": first}, str(out / TOKENS_FILE), metadata=meta)
+    canonical_safetensors(out / TOKENS_FILE)  # same windows, same bytes: a rebuilt one keeps its digest
     return {"window": window, "stride": stride, "windows": int(windows.shape[0]), "tokens": int((window - first).sum()),
             **meta}
 
@@ -174,6 +176,7 @@ def score_windows(  # noqa: PLR0913 - one pass computes everything that needs lo
             saved["topk_logprobs"].append(values.cpu())
             saved["topk_ids"].append(ids.to(torch.int32).cpu())
         count += target.numel()
+        progress("evaluate", min(i + batch_size, windows.shape[0]), windows.shape[0], "windows")
     if reference is not None and reference["topk_ids"].shape[0] != count:
         raise QuantmillError("evaluate.baseline: the baseline reference covers other windows; re-run its evaluation")
     metrics = {"perplexity": math.exp(nll / count), "nll": nll / count, "eval_tokens": float(count)}

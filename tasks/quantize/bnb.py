@@ -221,13 +221,13 @@ def run_bnb(config: FixedBitsConfig, job: QuantizeJob) -> QuantizeResult:
     return save_bnb(quantize_bnb(config, job), config, job)
 
 
-@register_method("bnb-int8", BnbInt8Config, calibrated=False)
+@register_method("bnb-int8", BnbInt8Config, calibrated=False, aliases=("bnb-8bit",))
 def quantize_bnb_int8(config: BnbInt8Config, job: QuantizeJob) -> QuantizeResult:
     """bitsandbytes LLM.int8 (8-bit weights, fp16 outliers); reloads with from_pretrained on CPU or CUDA."""
     return run_bnb(config, job)
 
 
-@register_method("bnb-nf4", BnbNF4Config, calibrated=False)
+@register_method("bnb-nf4", BnbNF4Config, calibrated=False, aliases=("bnb-4bit",))
 def quantize_bnb_nf4(config: BnbNF4Config, job: QuantizeJob) -> QuantizeResult:
     """bitsandbytes 4-bit NormalFloat (QLoRA format); reloads with from_pretrained on CPU or CUDA."""
     return run_bnb(config, job)

@@ -94,7 +94,7 @@ def save_dynamic_int8(model: nn.Module, config: DynamicInt8Config, job: Quantize
     return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors, extra=extra)
 
 
-@register_method("dynamic-int8", DynamicInt8Config, calibrated=False)
+@register_method("dynamic-int8", DynamicInt8Config, calibrated=False, aliases=("dynamic",))
 def quantize_dynamic_int8_handler(config: DynamicInt8Config, job: QuantizeJob) -> QuantizeResult:
     """torchao int8 weights + dynamic per-token int8 activations; reloads with from_pretrained (torchao installed)."""
     job.progress(f"dynamic-int8: quantizing with torchao on {job.device}")

@@ -170,6 +170,10 @@ def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtyp
     gptqmodel_env()
     from gptqmodel import GPTQModel
 
+    from quantmill.console import gptqmodel_logs_under_state
+
+    gptqmodel_logs_under_state()  # its per-run logs/ folder, not the working directory
+
     calibration = load_calibration(job.calibration)
     # CPU: use cpu_dtype (GPTQModel's CPU default is bf16); the device comes from qcfg.device, never load()
     dtype = "auto" if job.device == "cuda" else cpu_dtype

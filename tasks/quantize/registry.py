@@ -109,15 +109,17 @@ class QuantMethod:
 
 
 _METHODS: dict[str, QuantMethod] = {}
+_ALIASES: dict[str, str] = {}  # other names people type (e.g. from other tools' docs) -> canonical method name
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
 def register_method(
-    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False
+    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False, aliases: tuple[str, ...] = ()
 ) -> Callable[[Handler], Handler]:
-    """Decorator registering `handler` as method `name` with its config model."""
-    if not _NAME.match(name):
-        raise ValueError(f"method name {name!r} must be lower-case words joined by '-'")
+    """Decorator registering `handler` as method `name` (also accepted as any of `aliases`) with its config model."""
+    for n in (name, *aliases):
+        if not _NAME.match(n):
+            raise ValueError(f"method name {n!r} must be lower-case words joined by '-'")
     if not issubclass(config_cls, MethodConfig):
         raise TypeError(f"{config_cls.__name__} must subclass MethodConfig")
 
@@ -126,7 +128,13 @@ def register_method(
             raise ValueError(f"quantization method {name!r} is already registered")
         config_cls.TYPE = config_cls.TYPE or name
         doc = (handler.__doc__ or "").strip().splitlines()
+        for alias in aliases:
+            if alias in _METHODS or _ALIASES.get(alias, name) != name:
+                raise ValueError(f"alias {alias!r} of {name!r} is already a method or another method's alias")
+        if name in _ALIASES:
+            raise ValueError(f"quantization method {name!r} is already an alias of {_ALIASES[name]!r}")
         _METHODS[name] = QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else "")
+        _ALIASES.update({alias: name for alias in aliases})
         return handler
 
     return decorate
@@ -137,13 +145,20 @@ def known_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_aliases() -> dict[str, str]:
+    """Accepted alias -> canonical method name."""
+    return dict(_ALIASES)
+
+
 def get_method(name: str) -> QuantMethod:
-    """The registered method, or a QuantmillError listing the known ones."""
+    """The registered method (an alias resolves to it), or a QuantmillError listing the known ones."""
     try:
-        return _METHODS[name]
+        return _METHODS[_ALIASES.get(name, name)]
     except KeyError:
+        aliases = ", ".join(f"{a} (= {m})" for a, m in sorted(_ALIASES.items()))
         raise QuantmillError(
             f"unknown quantization method {name!r}; known methods: {', '.join(known_methods())}"
+            + (f"; aliases: {aliases}" if aliases else "")
         ) from None
 
 

@@ -245,8 +245,12 @@ def rtn_quantize_model(
     model: nn.Module, config: RTNConfig, skip: tuple[str, ...] = ()
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Quantize the targeted linears (but `skip`) in place (weights -> dequantized values); return packed tensors."""
+    from quantmill.console import progress
+
     packed = {}
-    for name, lin in target_linears(model).items():
+    linears = target_linears(model)
+    for done, (name, lin) in enumerate(linears.items(), 1):
+        progress("quantize", done, len(linears), "linears")
         if name in skip:
             continue
         codes, scales, zeros = quantize_weight(lin.weight, config.bits, config.group_size, config.sym)
