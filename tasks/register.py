@@ -33,6 +33,7 @@ def version_tags(
     delta = 100.0 * (result.metrics["perplexity"] / baseline.metrics["perplexity"] - 1.0)
     return {
         SHA_TAG: digest,
+        "checkpoint_store_sha256": ckpt.sha256,  # the store's artifact (cache controls keep what versions need)
         LAYOUT_TAG: mlmodel.LAYOUT,
         "variant": ckpt.name,
         "method": ckpt.method,
