@@ -12,7 +12,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
+import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,9 +38,39 @@ def _trim() -> None:
         pass
 
 
+@contextmanager
+def signals_deferred() -> Any:
+    """Hold SIGTERM/SIGINT in the main thread until the block ends, then deliver them to the handler in force.
+
+    A signal handler raises (SystemExit, Prefect's TerminationSignal, KeyboardInterrupt) wherever the main thread
+    is; inside a finalizer that `gc.collect()` runs, the exception is printed and swallowed ("Exception ignored
+    in __del__") and the run would go on as if never told to stop. Other threads need nothing: handlers run in
+    the main thread only.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    def hold(signum: int, _frame: object) -> None:
+        pending.append(signum)
+
+    held = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for sig in pending:
+            handler = held[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), sig)
+
+
 def give_back() -> int:
     """Collect garbage and trim the heap; return RSS afterwards (bytes). Thread-safe (one trim at a time)."""
-    with _LOCK:
+    with _LOCK, signals_deferred():
         gc.collect()
         _trim()
     return rss()

@@ -36,6 +36,7 @@ def write_profile(tmp_path: Path, assets, name: str) -> Path:
 
 
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
+    """`quantmill ARGS` in its own session; runs watched for library log lines pass -v (shown live, not only in the debug log)."""
     env = subprocess_env(home)
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, text=True,
                             start_new_session=True, **kw)
@@ -102,7 +103,7 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
     home = tmp_path / "home"
     log = tmp_path / "killed.log"
     with open(log, "w") as fh:
-        victim = cli(home, "run", str(profile), stdout=fh, stderr=subprocess.STDOUT)
+        victim = cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 900
         while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
             assert victim.poll() is None, log.read_text()[-3000:]
@@ -139,7 +140,7 @@ def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
     home = tmp_path / "home"
     # Output goes to files: a run blocked on a full stderr pipe while holding a store lock would stall the other.
     files = [open(tmp_path / f"run{i}.log", "w+") for i in range(2)]
-    procs = [cli(home, "run", str(profile), stdout=fh, stderr=subprocess.STDOUT) for fh in files]
+    procs = [cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT) for fh in files]
     logs = []
     for proc, fh in zip(procs, files):
         proc.wait(timeout=1200)
@@ -162,7 +163,7 @@ def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
     profile = write_profile(tmp_path, demo_assets, "sigterm-test")
     log = tmp_path / "run.log"
     with open(log, "w") as fh:
-        proc = cli(tmp_path / "home", "run", str(profile), stdout=fh, stderr=subprocess.STDOUT)
+        proc = cli(tmp_path / "home", "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 900
         while time.time() < deadline and "Task run 'calibrate" not in log.read_text():
             assert proc.poll() is None, log.read_text()[-3000:]
