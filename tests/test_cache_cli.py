@@ -62,6 +62,8 @@ def cache(home: Path, monkeypatch, capsys, *args: str) -> str:
 
     monkeypatch.setenv("QUANTMILL_HOME", str(home))
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "results"))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # exported by earlier in-process MLflow use
+        monkeypatch.delenv(var, raising=False)
     capsys.readouterr()
     assert main(["cache", *args]) == 0
     return capsys.readouterr().out

@@ -71,7 +71,7 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(profile))
     home = tmp_path / "home"
-    proc = run_cli(home, "sweep", str(path))
+    proc = run_cli(home, "sweep", str(path), "-v")  # -v: the Dask/Prefect lines are shown live
     out = proc.stdout
     assert "Creating a new Dask cluster" in proc.stderr and "Starting temporary server" not in proc.stderr.split(
         "Creating a new Dask cluster")[1]  # workers report to this run's API, not to servers of their own
