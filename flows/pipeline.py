@@ -15,16 +15,16 @@ from pydantic import BaseModel, ConfigDict
 from quantmill.memory import give_back, step_hooks
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
-from tasks.calibrate import calibrate
-from tasks.download import download
-from tasks.evaluate import eval_data, evaluate, gate
-from tasks.merge import merge
-from tasks.preflight import check_inputs, preflight
-from tasks.quantize import quantize
-from tasks.quantize.common import pick_device
-from tasks.register import promote, register
-from tasks.report import publish_report
-from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
+from quantmill.tasks.calibrate import calibrate
+from quantmill.tasks.download import download
+from quantmill.tasks.evaluate import eval_data, evaluate, gate
+from quantmill.tasks.merge import merge
+from quantmill.tasks.preflight import check_inputs, preflight
+from quantmill.tasks.quantize import quantize
+from quantmill.tasks.quantize.common import pick_device
+from quantmill.tasks.register import promote, register
+from quantmill.tasks.report import publish_report
+from quantmill.tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):

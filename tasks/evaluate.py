@@ -30,7 +30,7 @@ from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
 from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import token_stream
-from tasks.quantize import build_config
+from quantmill.tasks.quantize import build_config
 
 CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
 WINDOW_CAP = 1024
@@ -132,7 +132,7 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     # workers: "Global grad_mode state changed while dynamo tracing") must fall back to eager, not fail the step.
     torch._dynamo.config.suppress_errors = True
 
-    from tasks.quantize.gguf_export import loader_kwargs  # a GGUF export: transformers' GGUF loader (dequantizes)
+    from quantmill.tasks.quantize.gguf_export import loader_kwargs  # a GGUF export: transformers' GGUF loader (dequantizes)
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None,
                                                  **loader_kwargs(path))
@@ -422,7 +422,7 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         if cfg["speed"] is not None and cfg["speed"].enabled:
             metrics.update(generation_speed(model, windows, cfg["speed"], device))
         if cfg["accuracy"] is not None or cfg["lm_eval"] is not None:
-            from tasks.quantize.gguf_export import loader_kwargs
+            from quantmill.tasks.quantize.gguf_export import loader_kwargs
 
             tokenizer = AutoTokenizer.from_pretrained(target, **loader_kwargs(target))
             if cfg["accuracy"] is not None:

@@ -47,7 +47,7 @@ from quantmill.plan import choose_merge_strategy, folder_weights, read_header
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
 from quantmill.store import ArtifactStore
-from tasks.download import resolve
+from quantmill.tasks.download import resolve
 
 CODE_VERSION = "2"
 PREFIX = "base_model.model."

@@ -22,7 +22,7 @@ from quantmill.integrity import check_folder_safetensors, tokenizer_problem
 from quantmill.profile import Calibration, Evaluation, Profile, Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
-from tasks.quantize.step import check_recipe
+from quantmill.tasks.quantize.step import check_recipe
 
 
 def free_bytes(path: Path) -> int:
@@ -87,7 +87,7 @@ def model_folder_problems(path: Path, source) -> list[str]:  # noqa: ANN001 - pr
 
 def adapter_folder_problems(path: Path) -> list[str]:
     """A local adapter folder: exists, a LoRA adapter_config.json with a positive rank, an intact safetensors file."""
-    from tasks.merge import check_adapter
+    from quantmill.tasks.merge import check_adapter
 
     if not path.is_dir():
         return [f"adapter.path: {path} does not exist or is not a folder; fix the path"]

@@ -53,7 +53,7 @@ def publish_report(
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the comparison report and publish it to the MLflow run and as a Prefect table artifact."""
-    from tasks.evaluate import device_name
+    from quantmill.tasks.evaluate import device_name
 
     report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes,
                           evaluation=evaluation)

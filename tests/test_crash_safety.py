@@ -37,7 +37,7 @@ def write_profile(tmp_path: Path, assets, name: str) -> Path:
 
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
     env = subprocess_env(home)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=REPO, env=env, text=True,
                             start_new_session=True, **kw)
 
 

@@ -14,7 +14,7 @@ from benchmarks.merge import run_child, synthetic_adapter, synthetic_model
 from quantmill.errors import QuantmillError
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
-from tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
+from quantmill.tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
 
 STRATEGIES = ("cpu", "streaming")
 

@@ -108,7 +108,7 @@ def write_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: 
 
 def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedProcess:
     env = subprocess_env(root / "home", MLFLOW_TRACKING_URI=uri)
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(profile)], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(profile)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run

@@ -1,6 +1,6 @@
 """Quantize step: one module per method, all registered in `registry`."""
 
-from tasks.quantize.registry import (  # noqa: F401
+from quantmill.tasks.quantize.registry import (  # noqa: F401
     MethodConfig,
     QuantizeJob,
     QuantizeResult,
@@ -18,4 +18,4 @@ for _m in _pkgutil.iter_modules(__path__):
     if _m.name not in {"registry", "common", "step", "mixed", "sensitivity"}:
         _importlib.import_module(f"{__name__}.{_m.name}")
 
-from tasks.quantize.step import quantize  # noqa: E402,F401
+from quantmill.tasks.quantize.step import quantize  # noqa: E402,F401

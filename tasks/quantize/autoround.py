@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tasks.quantize.gptq import finish_checkpoint, load_calibration, target_and_kept
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group, v1_zero_underflows
+from quantmill.tasks.quantize.gptq import finish_checkpoint, load_calibration, target_and_kept
+from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group, v1_zero_underflows
 
 AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Python >= 3.11): '
                   'pip install "auto-round==0.16.1" "torch==2.13.0" (or pip install -e ".[autoround]")')

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tasks.quantize.gptq import (
+from quantmill.tasks.quantize.gptq import (
     check_kernel,
     finish_checkpoint,
     gptqmodel_device,
@@ -19,8 +19,8 @@ from tasks.quantize.gptq import (
     run_gptqmodel,
     target_and_kept,
 )
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group
+from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group
 
 AWQ_KERNELS = {"auto": "auto", "torch": "awq_torch", "gemm": "awq_gemm", "marlin": "awq_marlin",
                "exllama_v2": "awq_exllama_v2"}

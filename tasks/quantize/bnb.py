@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tasks.quantize.common import (
+from quantmill.tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
     base_dtype,
@@ -35,7 +35,7 @@ from tasks.quantize.common import (
     layer_errors,
     skipped_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 

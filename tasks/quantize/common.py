@@ -11,7 +11,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
-from tasks.quantize.registry import MethodConfig, ModelInfo
+from quantmill.tasks.quantize.registry import MethodConfig, ModelInfo
 
 TOKENIZER_FILES = (
     "tokenizer.json",

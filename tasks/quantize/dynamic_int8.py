@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.quantize.common import (
+from quantmill.tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
     base_dtype,
@@ -30,7 +30,7 @@ from tasks.quantize.common import (
     layer_errors,
     skipped_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 
 
 class DynamicInt8Config(FixedBitsConfig):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.quantize.common import (
+from quantmill.tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
     copy_tokenizer,
@@ -30,7 +30,7 @@ from tasks.quantize.common import (
     relative_error,
     target_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448

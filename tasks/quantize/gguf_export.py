@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from tasks.quantize.common import relative_error
-from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.common import relative_error
+from quantmill.tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
 
 GGUF_FILE = "model.gguf"
 BLOCK = 32  # elements per block of every Q type here

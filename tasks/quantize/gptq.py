@@ -11,9 +11,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_quantized, v1_zero_underflows
+from quantmill.tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
+from quantmill.tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_quantized, v1_zero_underflows
 
 # Kernel GPTQModel uses for the quantized layers it builds; only "auto" and "torch" run on CPU.
 GPTQ_KERNELS = {"auto": "auto", "torch": "gptq_torch", "triton": "gptq_triton", "exllama_v2": "gptq_exllama_v2",

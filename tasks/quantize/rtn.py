@@ -10,9 +10,9 @@ import torch
 from pydantic import Field, field_validator, model_serializer
 from torch import nn
 
-from tasks.quantize.common import copy_tokenizer, kept_dtype, load_fp_model, model_info, target_linears
-from tasks.quantize.mixed import MixedPlan, MixedPrecision, budget_bytes, plan_mixed
-from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.common import copy_tokenizer, kept_dtype, load_fp_model, model_info, target_linears
+from quantmill.tasks.quantize.mixed import MixedPlan, MixedPrecision, budget_bytes, plan_mixed
+from quantmill.tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
 
 _MIN_SCALE = 1e-6  # representable in fp16 (subnormal); guards all-zero groups
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4pack kernel (gptqmodel's CPU 4-bit path) takes

@@ -15,9 +15,9 @@ from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Recipe
 from quantmill.refs import CalibRef, CheckpointRef, ModelRef
 from quantmill.store import ArtifactStore
-from tasks.quantize.common import model_info
-from tasks.quantize.registry import QuantizeJob, get_method
-from tasks.quantize.sensitivity import measured, sensitivity_params
+from quantmill.tasks.quantize.common import model_info
+from quantmill.tasks.quantize.registry import QuantizeJob, get_method
+from quantmill.tasks.quantize.sensitivity import measured, sensitivity_params
 
 CODE_VERSION = "1"
 SIDECAR = "quantmill.json"

@@ -30,11 +30,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tasks.quantize.common import (
+from quantmill.tasks.quantize.common import (
     FixedBitsConfig, base_dtype, copy_tokenizer, load_fp_model, relative_error, target_linears,
 )
-from tasks.quantize.fp8 import check_fused_groups
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.fp8 import check_fused_groups
+from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
 
 INT8_MAX = 127.0
 
@@ -166,8 +166,8 @@ def gptq_int8(model: nn.Module, job: QuantizeJob, names: list[str]) -> dict[str,
     from safetensors import safe_open
     from gptqmodel import QuantizeConfig
 
-    from tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
-    from tasks.quantize.rtn import unpack_int32
+    from quantmill.tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
+    from quantmill.tasks.quantize.rtn import unpack_int32
 
     with tempfile.TemporaryDirectory(prefix="w8a8-gptq-") as tmp:
         smoothed_dir, gptq_dir = Path(tmp) / "smoothed", Path(tmp) / "gptq"
@@ -230,7 +230,7 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
 
 def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
     """The calibration input_ids the step tokenized, one 1-D row per sample (samples may differ in length)."""
-    from tasks.quantize.gptq import load_calibration
+    from quantmill.tasks.quantize.gptq import load_calibration
 
     return [r["input_ids"] for r in load_calibration(job.calibration)]
 
