@@ -294,7 +294,9 @@ def test_custom_run_form_in_headless_chromium(tmp_path):
     assert [label for selected, label in methods if selected == "true"] == [known_methods()[0]]
     text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
     labels = re.findall(r"<label[^>]*>([^<]*)</label>", dom)
-    # ...and shows that method's own fields, labelled and described.
-    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Zero Point (Optional)", "Backend (Optional)",
+    # ...and shows that method's own fields, labelled and described (the first method: autoround), no other's.
+    assert known_methods()[0] == "autoround"
+    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Sym (Optional)", "Iters (Optional)",
             "Recipes", "Storage (Optional)"} <= set(labels), labels
-    assert "Bits (Optional) Bits per weight (AWQ is 4-bit)" in text and "desc_act" not in text, str(shot)
+    assert "Zero Point (Optional)" not in labels and "Backend (Optional)" not in labels, labels
+    assert "Iters (Optional) Sign-gradient tuning steps per block" in text and "desc_act" not in text, str(shot)
