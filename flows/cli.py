@@ -117,7 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile, args.set or [])
     recipes, skipped = profile.all_recipes()
-    from quantmill.tasks.preflight import local_input_problems
+    from quantmill.inputs import local_input_problems
 
     problems = local_input_problems(profile)  # paths, config.json, tokenizer, headers, text files: nothing loaded
     if problems:

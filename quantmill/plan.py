@@ -363,7 +363,7 @@ def adapter_facts(source: Any) -> tuple[dict[str, Any], int, dict[str, Any] | No
         cfg_file = d / "adapter_config.json"
         if not cfg_file.is_file():
             raise QuantmillError(f"adapter.path: {d} has no adapter_config.json; point at a peft adapter folder")
-        from quantmill.tasks.merge import detect_training
+        from quantmill.adapters import detect_training
 
         cfg = json.loads(cfg_file.read_text())
         size = sum(f.stat().st_size for f in d.glob("adapter_model.*"))
@@ -398,7 +398,7 @@ def merge_row(w: Weights, adapter: Any, spec: Any, m: Machine) -> StepPlan:
 
 def quantize_row(w: Weights, recipe: Any, cal: Any, device: str, m: Machine) -> StepPlan:
     """One recipe's quantize step: memory on `device`, checkpoint size, and what to change if it does not fit."""
-    from quantmill.tasks.quantize.step import uses_calibration
+    from quantmill.methods.checks import uses_calibration
 
     c = recipe.config()
     calib = (cal.num_samples, cal.seq_len) if uses_calibration(recipe) else None

@@ -290,7 +290,7 @@ class Recipe(Strict):
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
         """One branch per registered method with that method's options (the registry builds it)."""
-        from quantmill.tasks.quantize.registry import recipe_json_schema
+        from quantmill.methods.registry import recipe_json_schema
 
         name = {"title": "Name", "type": "string", "description": cls.model_fields["name"].description}
         return {"title": "Recipe", "description": cls.__doc__, **recipe_json_schema(handler, {"name": name})}
@@ -307,7 +307,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        from quantmill.tasks.quantize import build_config, get_method
+        from quantmill.methods import build_config, get_method
 
         self.method = get_method(self.method).name  # an alias (e.g. bnb-4bit) is recorded as its canonical name
         config = build_config(self.method, self.params)
@@ -318,7 +318,7 @@ class Recipe(Strict):
 
     def config(self):  # noqa: ANN201 - MethodConfig, imported lazily
         """The method's typed config."""
-        from quantmill.tasks.quantize import build_config
+        from quantmill.methods import build_config
 
         return build_config(self.method, self.params)
 
@@ -337,7 +337,7 @@ class Sweep(Strict):
         @field_validator("methods")
         @classmethod
         def _known(cls, v: list[str]) -> list[str]:
-            from quantmill.tasks.quantize import get_method
+            from quantmill.methods import get_method
 
             for name in v:
                 get_method(name)  # an unknown name lists the known ones
@@ -365,7 +365,7 @@ class Sweep(Strict):
         """Recipes of the grid, and one line per combination a method cannot do (skipped, reported)."""
         from itertools import product
 
-        from quantmill.tasks.quantize import get_method
+        from quantmill.methods import get_method
 
         recipes: dict[str, Recipe] = {}
         skipped: list[str] = []

@@ -30,7 +30,7 @@ from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
 from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import token_stream
-from quantmill.tasks.quantize import build_config
+from quantmill.methods import build_config
 
 CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
 WINDOW_CAP = 1024

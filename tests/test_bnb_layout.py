@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantmill.tasks.quantize.bnb import BnbNF4Config, is_cpu_repacked, linear_4bit, quantize_bnb, save_bnb
-from quantmill.tasks.quantize.registry import QuantizeJob
+from quantmill.methods.registry import QuantizeJob
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])

@@ -89,7 +89,7 @@ def documents(demo_assets, tmp_path_factory) -> Path:
 def test_samples_mode_rows_masks_and_gptq_runs_on_them(demo_assets, documents, tmp_path):
     from transformers import AutoTokenizer
 
-    from quantmill.tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     spec = Calibration(source={"path": str(documents)}, mode="samples", num_samples=12, seq_len=48, seed=3)
     ref = calibrate.fn(model_ref(demo_assets.model_dir), spec, str(tmp_path / "store"))

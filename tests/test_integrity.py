@@ -176,8 +176,8 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     from safetensors.torch import save_file
 
     from quantmill import state
-    from quantmill.tasks.quantize.registry import build_config
-    from quantmill.tasks.quantize.registry import QuantizeJob
+    from quantmill.methods.registry import build_config
+    from quantmill.methods.registry import QuantizeJob
     from quantmill.tasks.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))

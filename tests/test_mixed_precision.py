@@ -18,8 +18,8 @@ from quantmill.errors import QuantmillError  # noqa: E402
 from quantmill.profile import Recipe  # noqa: E402
 from quantmill.refs import CalibRef, ModelRef  # noqa: E402
 from quantmill.tasks.quantize import sensitivity as sensitivity_module  # noqa: E402
-from quantmill.tasks.quantize.mixed import budget_bytes, choose_kept  # noqa: E402
-from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
+from quantmill.methods.mixed import budget_bytes, choose_kept  # noqa: E402
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
 from quantmill.tasks.quantize.step import check_recipe, run_method  # noqa: E402
 from tests.test_quantize_gptq_family import (  # noqa: E402
     load_reference, max_logit_error, reload_in_fresh_process, score, token_data,

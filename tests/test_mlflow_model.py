@@ -166,7 +166,7 @@ def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, t
 
 
 def test_gguf_version_is_a_pyfunc_model_without_the_transformers_flavor(tmp_path):
-    from quantmill.tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     src, out = next(model_cache().glob("llama-*/model")), tmp_path / "store" / "gguf-q8-0"
     out.mkdir(parents=True)

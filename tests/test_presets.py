@@ -46,7 +46,7 @@ def test_unknown_method_lists_methods_and_aliases():
 
 
 def test_alias_clash_refused_at_registration():
-    from quantmill.tasks.quantize.registry import register_method
+    from quantmill.methods.registry import register_method
     from quantmill.tasks.quantize.rtn import GroupedConfig
 
     class Clash(GroupedConfig):

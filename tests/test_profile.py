@@ -220,7 +220,7 @@ def test_a_newly_registered_method_appears_in_the_form_without_touching_profile_
 
     from pydantic import Field
 
-    from quantmill.tasks.quantize import registry
+    from quantmill.methods import registry
 
     class ToyConfig(registry.MethodConfig):
         """A test-only method."""

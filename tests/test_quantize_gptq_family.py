@@ -20,7 +20,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch  # noqa: E402
 
 import quantmill.tasks.quantize  # noqa: E402,F401  (importing the package registers every method)
-from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
 from quantmill.tasks.quantize.rtn import (  # noqa: E402
     dequantize_weight, gptq_tensors, pack_int32, quantize_weight, require_all_quantized, rtn_quantize_model,
     unpack_int32,

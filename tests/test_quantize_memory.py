@@ -28,7 +28,7 @@ PROBE = textwrap.dedent("""
     import gptqmodel, torch, transformers  # noqa: F401 - imported before the baseline
     import quantmill.tasks.quantize  # noqa: F401 - registers the methods
     from pathlib import Path
-    from quantmill.tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

@@ -27,7 +27,7 @@ import quantmill.tasks.quantize  # noqa: E402,F401  (registers every method)
 from quantmill.errors import QuantmillError  # noqa: E402
 from quantmill.tasks.quantize import gguf_export, w8a8  # noqa: E402
 from quantmill.tasks.quantize.common import model_info  # noqa: E402
-from quantmill.tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
 from tests.test_quantize_gptq_family import (  # noqa: E402
     load_reference, max_logit_error, noisy_copies, reload_in_fresh_process, score, token_data,
 )

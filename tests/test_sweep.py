@@ -100,7 +100,7 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
 @pytest.fixture()
 def broken_method():
     """A registered method whose handler always raises (removed again after the test)."""
-    from quantmill.tasks.quantize import registry
+    from quantmill.methods import registry
 
     class BrokenConfig(registry.MethodConfig):
         bits: int = 8

@@ -12,30 +12,15 @@ from prefect.logging import get_run_logger
 from quantmill.caching import StepCache
 from quantmill.concurrency import holding_gpu
 from quantmill.errors import QuantmillError, retry_on_transient
+from quantmill.methods.checks import check_recipe, uses_calibration  # noqa: F401 - check_recipe re-exported
+from quantmill.methods.registry import QuantizeJob, get_method
 from quantmill.profile import Recipe
 from quantmill.refs import CalibRef, CheckpointRef, ModelRef
 from quantmill.store import ArtifactStore
-from quantmill.tasks.quantize.common import model_info
-from quantmill.tasks.quantize.registry import QuantizeJob, get_method
 from quantmill.tasks.quantize.sensitivity import measured, sensitivity_params
 
 CODE_VERSION = "1"
 SIDECAR = "quantmill.json"
-
-
-def check_recipe(recipe: Recipe, index: int, model: ModelRef, device: str) -> None:
-    """Fail before any work when a recipe cannot run on this model or device."""
-    config = recipe.config()
-    try:
-        config.check_device(device)
-        config.check_model(model_info(Path(model.path)))
-    except ValueError as exc:
-        raise QuantmillError(f"recipes.{index} ({recipe.name}): {exc}") from None
-
-
-def uses_calibration(recipe: Recipe) -> bool:
-    """Calibrated methods, and mixed-precision recipes (their per-layer sensitivity is measured on it)."""
-    return get_method(recipe.method).calibrated or getattr(recipe.config(), "mixed_precision", None) is not None
 
 
 def run_method(  # noqa: PLR0913

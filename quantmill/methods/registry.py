@@ -1,7 +1,13 @@
-"""The quantization method registry: one config model per method, registered beside its handler."""
+"""The quantization method registry: one config model per method, and what is known about each method.
+
+Core floor: pydantic only. A method's config module (quantmill/methods/<method>.py) registers it with
+`register_config`, naming its handler (the step floor, torch) by import path: the handler module is imported
+the first time `QuantMethod.handler` is read, so validating a profile never loads torch or Prefect.
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,13 +105,24 @@ Handler = Callable[[Any, QuantizeJob], QuantizeResult]
 
 @dataclass(frozen=True)
 class QuantMethod:
-    """A registered method: its name, config model, handler and whether it needs calibration data."""
+    """A registered method: its name, config model, handler and whether it needs calibration data.
+
+    `handler_ref` is the handler itself or its import path ("package.module:function"), resolved on first use.
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    handler: Handler
+    handler_ref: Handler | str
     calibrated: bool
     summary: str
+
+    @property
+    def handler(self) -> Handler:
+        """The handler function (imports its module the first time)."""
+        if not isinstance(self.handler_ref, str):
+            return self.handler_ref
+        module, _, attr = self.handler_ref.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 _METHODS: dict[str, QuantMethod] = {}
@@ -113,28 +130,50 @@ _ALIASES: dict[str, str] = {}  # other names people type (e.g. from other tools'
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
-def register_method(
-    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False, aliases: tuple[str, ...] = ()
-) -> Callable[[Handler], Handler]:
-    """Decorator registering `handler` as method `name` (also accepted as any of `aliases`) with its config model."""
+def _check_names(name: str, config_cls: type[MethodConfig], aliases: tuple[str, ...]) -> None:
     for n in (name, *aliases):
         if not _NAME.match(n):
             raise ValueError(f"method name {n!r} must be lower-case words joined by '-'")
     if not issubclass(config_cls, MethodConfig):
         raise TypeError(f"{config_cls.__name__} must subclass MethodConfig")
 
+
+def _add(method: QuantMethod, aliases: tuple[str, ...]) -> None:
+    name = method.name
+    if name in _METHODS and _METHODS[name].handler_ref != method.handler_ref:
+        raise ValueError(f"quantization method {name!r} is already registered")
+    method.config_cls.TYPE = method.config_cls.TYPE or name
+    for alias in aliases:
+        if alias in _METHODS or _ALIASES.get(alias, name) != name:
+            raise ValueError(f"alias {alias!r} of {name!r} is already a method or another method's alias")
+    if name in _ALIASES:
+        raise ValueError(f"quantization method {name!r} is already an alias of {_ALIASES[name]!r}")
+    _METHODS[name] = method
+    _ALIASES.update({alias: name for alias in aliases})
+
+
+def register_config(
+    name: str, config_cls: type[MethodConfig], *, handler: str, calibrated: bool, summary: str,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """Register method `name` (also accepted as any of `aliases`): its config model, handler import path
+    ("package.module:function"), whether it needs calibration data, and its one-line summary (the form shows it)."""
+    _check_names(name, config_cls, aliases)
+    if ":" not in handler:
+        raise ValueError(f"handler of {name!r} must be 'package.module:function', not {handler!r}")
+    _add(QuantMethod(name, config_cls, handler, calibrated, summary), aliases)
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False, aliases: tuple[str, ...] = ()
+) -> Callable[[Handler], Handler]:
+    """Decorator registering `handler` as method `name` (also accepted as any of `aliases`) with its config model
+    (for methods defined outside quantmill, e.g. in a plugin or a test)."""
+    _check_names(name, config_cls, aliases)
+
     def decorate(handler: Handler) -> Handler:
-        if name in _METHODS and _METHODS[name].handler is not handler:
-            raise ValueError(f"quantization method {name!r} is already registered")
-        config_cls.TYPE = config_cls.TYPE or name
         doc = (handler.__doc__ or "").strip().splitlines()
-        for alias in aliases:
-            if alias in _METHODS or _ALIASES.get(alias, name) != name:
-                raise ValueError(f"alias {alias!r} of {name!r} is already a method or another method's alias")
-        if name in _ALIASES:
-            raise ValueError(f"quantization method {name!r} is already an alias of {_ALIASES[name]!r}")
-        _METHODS[name] = QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else "")
-        _ALIASES.update({alias: name for alias in aliases})
+        _add(QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else ""), aliases)
         return handler
 
     return decorate

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quantmill.tasks.quantize.registry import ModelInfo
+from quantmill.methods.registry import ModelInfo
 
 HEADER_BYTES = 112  # safetensors header entry per tensor beyond its name (dtype, shape, offsets), rounded up
 FP16 = 2
