@@ -111,7 +111,7 @@ def generate(model: str, text: str, max_new_tokens: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantmill.tasks.quantize.gguf_export import loader_kwargs  # a GGUF export loads through transformers' GGUF loader
+    from quantmill.methods.gguf import loader_kwargs  # a GGUF export loads through transformers' GGUF loader
 
     path = local_or_pulled(model)
     t0 = time.perf_counter()

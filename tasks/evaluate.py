@@ -23,20 +23,21 @@ import torch
 from prefect import task
 
 from quantmill.caching import StepCache
-from quantmill.console import progress
-from quantmill.errors import QuantmillError, retry_on_transient
-from quantmill.profile import Evaluation, Gates
 from quantmill.concurrency import holding_gpu
+from quantmill.console import progress
+from quantmill.devices import device_name  # noqa: F401 - re-exported
+from quantmill.errors import QuantmillError, retry_on_transient
+from quantmill.methods import build_config
+from quantmill.profile import Evaluation, Gates
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
+from quantmill.scoring import LOGITS_BUDGET, topk_kl  # noqa: F401 - topk_kl re-exported
 from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.textdata import token_stream
-from quantmill.methods import build_config
 
 CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
 WINDOW_CAP = 1024
 TOKENS_FILE = "eval_windows.safetensors"
 REFERENCE_FILE = "reference.safetensors"
-LOGITS_BUDGET = 2**27  # fp32 logits elements per forward batch (512 MiB)
 log = logging.getLogger("quantmill.evaluate")
 
 
@@ -132,23 +133,13 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     # workers: "Global grad_mode state changed while dynamo tracing") must fall back to eager, not fail the step.
     torch._dynamo.config.suppress_errors = True
 
-    from quantmill.tasks.quantize.gguf_export import loader_kwargs  # a GGUF export: transformers' GGUF loader (dequantizes)
+    from quantmill.methods.gguf import (
+        loader_kwargs,  # a GGUF export: transformers' GGUF loader (dequantizes)
+    )
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None,
                                                  **loader_kwargs(path))
     return model.eval()
-
-
-def topk_kl(ref_lp: torch.Tensor, ref_ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(ref || model) over ref's top-k tokens plus one bucket for the rest of the vocabulary."""
-    q = lp.gather(1, ref_ids)
-    p = ref_lp.exp()
-    kl = (p * (ref_lp - q)).sum(-1)
-    if ref_ids.shape[1] < lp.shape[1]:
-        p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-        q_rest = (1.0 - q.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), 0.0)
-    return kl.clamp_min(0.0)
 
 
 @torch.no_grad()
@@ -375,13 +366,6 @@ def size_on_disk(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != ".manifest.json")
 
 
-def device_name(device: str) -> str:
-    """Human name of the device timings were taken on."""
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu, {torch.get_num_threads()} thread(s)"
-
-
 def settings(spec: Evaluation | None) -> dict[str, Any]:
     """What shapes the measurements (not the gates): top-k, batch size, speed, accuracy, lm_eval."""
     names = ("kl_topk", "batch_size", "speed", "accuracy", "lm_eval")
@@ -422,7 +406,7 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         if cfg["speed"] is not None and cfg["speed"].enabled:
             metrics.update(generation_speed(model, windows, cfg["speed"], device))
         if cfg["accuracy"] is not None or cfg["lm_eval"] is not None:
-            from quantmill.tasks.quantize.gguf_export import loader_kwargs
+            from quantmill.methods.gguf import loader_kwargs
 
             tokenizer = AutoTokenizer.from_pretrained(target, **loader_kwargs(target))
             if cfg["accuracy"] is not None:

@@ -40,15 +40,15 @@ from prefect.logging import get_run_logger
 
 from quantmill.adapters import NF4, check_adapter, detect_training, pattern_value  # noqa: F401 - re-exported
 from quantmill.caching import StepCache
+from quantmill.concurrency import gpu_slot
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary
-from quantmill.concurrency import gpu_slot
 from quantmill.plan import choose_merge_strategy, folder_weights, read_header
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
+from quantmill.sources import resolve
 from quantmill.store import ArtifactStore
-from quantmill.tasks.download import resolve
 
 CODE_VERSION = "2"
 PREFIX = "base_model.model."

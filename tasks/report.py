@@ -14,7 +14,14 @@ from prefect import task
 from quantmill import tracking
 from quantmill.errors import retry_on_transient
 from quantmill.report import (
-    REPORT_DIR, REPORT_JSON, REPORT_MD, REPORT_PNG, build_report, markdown, plot_ppl_vs_size, table_records,
+    REPORT_DIR,
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PNG,
+    build_report,
+    markdown,
+    plot_ppl_vs_size,
+    table_records,
 )
 
 log = logging.getLogger("quantmill.report")
@@ -53,7 +60,7 @@ def publish_report(
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the comparison report and publish it to the MLflow run and as a Prefect table artifact."""
-    from quantmill.tasks.evaluate import device_name
+    from quantmill.devices import device_name
 
     report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes,
                           evaluation=evaluation)

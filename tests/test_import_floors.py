@@ -21,11 +21,6 @@ ALLOWED: set[tuple[str, str]] = {  # (importer, imported) edges still to remove 
     ("quantmill.console", "prefect"),
     ("quantmill.memory", "prefect"),
     ("quantmill.state", "prefect"),
-    ("quantmill.serving", "quantmill.tasks.quantize.gguf_export"),
-    ("quantmill.tasks.evaluate", "quantmill.tasks.quantize.gguf_export"),
-    ("quantmill.tasks.merge", "quantmill.tasks.download"),
-    ("quantmill.tasks.quantize.sensitivity", "quantmill.tasks.evaluate"),
-    ("quantmill.tasks.report", "quantmill.tasks.evaluate"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -66,6 +67,20 @@ class GGUFConfig(MethodConfig):
             if in_features % BLOCK:
                 raise ValueError(f"quant_type={self.quant_type}: in_features={in_features} of {name} is not a "
                                  f"multiple of {BLOCK}; use BF16")
+
+def gguf_file_in(path: str | Path) -> str | None:
+    """The name of the single .gguf file in a checkpoint folder (None for a transformers folder)."""
+    found = sorted(p.name for p in Path(path).glob("*.gguf")) if Path(path).is_dir() else []
+    if len(found) > 1:
+        raise ValueError(f"{path} holds several .gguf files ({', '.join(found)}); keep one per folder")
+    return found[0] if found else None
+
+
+def loader_kwargs(path: str | Path) -> dict[str, str]:
+    """Extra from_pretrained kwargs a checkpoint folder needs: gguf_file for a GGUF export, none otherwise."""
+    name = gguf_file_in(path)
+    return {"gguf_file": name} if name else {}
+
 
 register_config(
     "gguf",

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from quantmill.devices import pick_device  # noqa: F401 - re-exported
 from quantmill.methods.base import DEFAULT_KEEP, FixedBitsConfig, fixed_bits_schema  # noqa: F401 - re-exported
 from quantmill.modelinfo import model_info, target_linears  # noqa: F401 - re-exported
 
@@ -24,11 +25,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-
-
-def pick_device() -> str:
-    """'cuda' when a GPU is present, else 'cpu'."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_fp_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantmill.methods.gguf import (  # noqa: F401 - re-exported
+from quantmill.methods.gguf import (  # noqa: F401 - re-exported  # noqa: F401 - re-exported
     ARCHITECTURES,
     BITS,
     BLOCK,
     GGUFArch,
     GGUFConfig,
     QuantType,
+    gguf_file_in,
+    loader_kwargs,
 )
 from quantmill.methods.registry import (
     QuantizeJob,
@@ -215,20 +217,6 @@ def write_gguf(model_dir: Path, out_file: Path, quant_type: str, progress=print)
     writer.write_tensors_to_file()
     writer.close()
     return errors
-
-
-def gguf_file_in(path: str | Path) -> str | None:
-    """The name of the single .gguf file in a checkpoint folder (None for a transformers folder)."""
-    found = sorted(p.name for p in Path(path).glob("*.gguf")) if Path(path).is_dir() else []
-    if len(found) > 1:
-        raise ValueError(f"{path} holds several .gguf files ({', '.join(found)}); keep one per folder")
-    return found[0] if found else None
-
-
-def loader_kwargs(path: str | Path) -> dict[str, str]:
-    """Extra from_pretrained kwargs a checkpoint folder needs: gguf_file for a GGUF export, none otherwise."""
-    name = gguf_file_in(path)
-    return {"gguf_file": name} if name else {}
 
 
 def export_gguf(config: GGUFConfig, job: QuantizeJob) -> QuantizeResult:

@@ -3,7 +3,7 @@
 Measured once, inside the quantize step, per model content + calibration + (bits, group_size, sym, samples) +
 device and kept in the artifact store, so every mixed-precision recipe with those settings (rtn or gptq, any
 budget) reuses it. The measure is the mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
-with the reference kept as top-k log-probs (quantmill.tasks.evaluate.topk_kl; exact when k >= vocabulary). RTN stands in for
+with the reference kept as top-k log-probs (quantmill.scoring.topk_kl; exact when k >= vocabulary). RTN stands in for
 GPTQ here: GPTQ's own per-layer error would need one GPTQ pass per layer. Cost: one forward pass over the windows per
 targeted linear, with one model copy in memory.
 """
@@ -51,7 +51,7 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
     """{linear: mean per-token KL(fp || only that linear RTN-quantized)} on the first `samples` windows."""
     from safetensors.torch import load_file
 
-    from quantmill.tasks.evaluate import LOGITS_BUDGET, topk_kl
+    from quantmill.scoring import LOGITS_BUDGET, topk_kl
 
     data = load_file(str(calib_path))
     windows = data["input_ids"][: params["samples"]].to(device)
