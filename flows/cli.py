@@ -88,7 +88,9 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
 
     check_reachable()
     state.private_scratch()  # library temp folders (GPTQModel offload) under the state folder, swept when dead
-    state.guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
+    from quantmill.flows.server import guard_prefect_server
+
+    guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
     _quiet_user_errors()
     from quantmill.flows.pipeline import quantize_pipeline
     from quantmill.flows.sweep import sweep

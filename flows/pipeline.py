@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
-from quantmill.memory import give_back, step_hooks
+from quantmill.flows.hooks import step_hooks
+from quantmill.memory import give_back
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
 from quantmill.tasks.calibrate import calibrate

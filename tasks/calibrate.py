@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from quantmill.caching import StepCache
+from quantmill.tasks._cache import StepCache
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from quantmill.caching import StepCache
+from quantmill.tasks._cache import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from prefect import task
 
-from quantmill.caching import StepCache
-from quantmill.concurrency import holding_gpu
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
 from quantmill.console import progress
 from quantmill.devices import device_name  # noqa: F401 - re-exported
 from quantmill.errors import QuantmillError, retry_on_transient

@@ -39,8 +39,8 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from quantmill.adapters import NF4, check_adapter, detect_training, pattern_value  # noqa: F401 - re-exported
-from quantmill.caching import StepCache
-from quantmill.concurrency import gpu_slot
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import gpu_slot
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary

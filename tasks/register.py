@@ -14,7 +14,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
-from quantmill.caching import StepCache
+from quantmill.tasks._cache import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Registry
 from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict

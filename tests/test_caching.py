@@ -6,7 +6,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from quantmill.caching import StepCache, fingerprint, step_key
+from quantmill.caching import fingerprint, step_key
+from quantmill.tasks._cache import StepCache
 from quantmill.profile import TextSource
 from quantmill.refs import ModelRef
 from quantmill.store import ArtifactStore

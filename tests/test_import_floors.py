@@ -16,11 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"quantmill": "quantmill", "tasks": "quantmill.tasks", "flows": "quantmill.flows"}  # pyproject package-dir
 PREFECT = ("prefect", "prefect_dask")
 ALLOWED: set[tuple[str, str]] = {  # (importer, imported) edges still to remove (issue 11); shrink it, never grow it
-    ("quantmill.caching", "prefect"),
-    ("quantmill.concurrency", "prefect"),
-    ("quantmill.console", "prefect"),
-    ("quantmill.memory", "prefect"),
-    ("quantmill.state", "prefect"),
+    ("quantmill.console", "prefect"),  # run_console imports Prefect first so Prefect sets up logging before it
 }
 
 

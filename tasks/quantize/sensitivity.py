@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from quantmill.caching import StepCache
+from quantmill.tasks._cache import StepCache
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
 from quantmill.tasks.quantize.common import load_fp_model, target_linears

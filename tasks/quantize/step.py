@@ -9,8 +9,8 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from quantmill.caching import StepCache
-from quantmill.concurrency import holding_gpu
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods.checks import check_recipe, uses_calibration  # noqa: F401 - check_recipe re-exported
 from quantmill.methods.registry import QuantizeJob, get_method
