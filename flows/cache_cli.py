@@ -7,7 +7,8 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from quantmill import refresh
 

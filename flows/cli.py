@@ -7,8 +7,9 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from quantmill import state
 from quantmill.errors import NetworkError, QuantmillError

@@ -11,7 +11,6 @@ from prefect.settings import get_current_settings
 
 from quantmill.state import WATCHDOG
 
-
 _guarded: set[int] = set()
 
 

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
+from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.memory import give_back
 from quantmill.profile import Profile, Sweep
 from quantmill.tasks.track import RUN_HOOKS

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -49,7 +50,7 @@ def step_key(step: str, code_version: str, inputs: dict[str, Any], exclude: tupl
     return artifact_key(step, code=code_version, inputs=parts)
 
 
-Verifier = Callable[[str, dict[str, Any]], Optional[str]]
+Verifier = Callable[[str, dict[str, Any]], str | None]
 
 
 def verify_in_store(key: str, inputs: dict[str, Any]) -> str | None:

@@ -16,8 +16,9 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from quantmill import state
 
@@ -83,7 +84,7 @@ class StepLines(logging.Handler):
         run = getattr(record, "task_run_name", None) or ""
         return run.rsplit("-", 1)[0] if run else ""
 
-    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
             run = getattr(record, "task_run_name", None) or "?"
@@ -110,7 +111,7 @@ class StepLines(logging.Handler):
                 say(line)
             elif record.levelno >= logging.WARNING and record.name.startswith(("prefect.task_runs", "prefect.flow_runs")):
                 say(f"  warning: {step + ': ' if step else ''}{msg.splitlines()[0][:300]}")
-        except Exception:  # noqa: BLE001, S110 - a console line must never break a run (nor recurse into logging)
+        except Exception:  # noqa: BLE001 - a console line must never break a run (nor recurse into logging)
             pass
 
 
@@ -120,7 +121,7 @@ class OurWarnings(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
 
-    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+    def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             say(f"  warning: {record.getMessage().splitlines()[0][:300]}")
 
@@ -132,7 +133,7 @@ class ServerLinesToLog(logging.Filter):
         super().__init__()
         self.path = path
 
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+    def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "prefect" and "temporary server" in record.getMessage():
             with contextlib.suppress(OSError), open(self.path, "a") as fh:
                 fh.write(f"{record.levelname} | {record.name} - {record.getMessage()}\n")

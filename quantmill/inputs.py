@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from quantmill.errors import QuantmillError
@@ -9,7 +10,8 @@ from quantmill.integrity import check_folder_safetensors, tokenizer_problem
 from quantmill.profile import Profile
 
 
-def _problem(check, *args) -> str | None:  # noqa: ANN001 - a check that raises QuantmillError
+def _problem(check: Callable[..., object], *args: object) -> str | None:
+    """The one-line message of a check that raises QuantmillError (None when it passes)."""
     try:
         check(*args)
     except QuantmillError as exc:

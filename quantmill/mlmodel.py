@@ -221,7 +221,7 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     model.save(str(dest / "MLmodel"))
 
 
-def stage_version(
+def stage_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt_dir: Path, dest: Path, *, method: str, label: str, card: str, sidecar: dict[str, Any], run_id: str,
     model_id: str,
 ) -> Path:

@@ -57,7 +57,7 @@ def _evaluation_text(result: EvalRef) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
-def render(
+def render(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     model_name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef,
     calib_source: str | None,
 ) -> str:

@@ -65,7 +65,7 @@ class Weights:
     def itemsize(self) -> int:
         """Bytes per element of the dominant floating dtype."""
         by: dict[int, int] = {}
-        for n, (d, s) in self.tensors.items():
+        for d, s in self.tensors.values():
             by[DTYPE_BYTES.get(d, 4)] = by.get(DTYPE_BYTES.get(d, 4), 0) + math.prod(s)
         return max(by, key=by.get) if by else 2
 

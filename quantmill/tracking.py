@@ -138,7 +138,7 @@ def variant_run(client: Any, parent: str, variant: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: ANN001
+def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
     """A finished child run under the pipeline's parent run."""
     from mlflow.entities import Metric, Param, RunTag
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.settings import get_current_settings
@@ -45,7 +46,7 @@ class StepCache(CachePolicy):
         inputs: dict[str, Any],
         flow_parameters: dict[str, Any],
         **kwargs: Any,
-    ) -> Optional[str]:
+    ) -> str | None:
         key = self.key_for(inputs)
         record = Path(get_current_settings().results.local_storage_path) / key
         if refresh.active():  # --refresh/--no-cache: drop the record so the task runs, and rebuild its artifact

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from quantmill.tasks._cache import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary
@@ -13,6 +12,7 @@ from quantmill.profile import Source
 from quantmill.refs import ModelRef
 from quantmill.sources import CODE_VERSION, _key, fetch_snapshot, fetched, resolve  # noqa: F401 - re-exported
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
 
 
 def _verify(key: str, inputs: dict) -> str | None:

@@ -22,16 +22,16 @@ from typing import Any
 import torch
 from prefect import task
 
-from quantmill.tasks._cache import StepCache
-from quantmill.tasks._gpu import holding_gpu
 from quantmill.console import progress
-from quantmill.devices import device_name  # noqa: F401 - re-exported
+from quantmill.devices import device_name
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods import build_config
 from quantmill.profile import Evaluation, Gates
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
-from quantmill.scoring import LOGITS_BUDGET, topk_kl  # noqa: F401 - topk_kl re-exported
+from quantmill.scoring import LOGITS_BUDGET, topk_kl
 from quantmill.store import ArtifactStore, canonical_safetensors
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
 from quantmill.textdata import token_stream
 
 CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
@@ -253,7 +253,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -388,7 +388,7 @@ def baseline_reference(baseline: EvalRef, data: EvalDataRef, store_root: str) ->
     return load_file(str(path))
 
 
-def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,
+def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
           reference: dict[str, torch.Tensor] | None, out: Path) -> dict:
     """Measure one model and save its metrics (and, for a baseline, its reference log-probs)."""
     from safetensors.torch import save_file

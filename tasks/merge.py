@@ -39,8 +39,6 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from quantmill.adapters import NF4, check_adapter, detect_training, pattern_value  # noqa: F401 - re-exported
-from quantmill.tasks._cache import StepCache
-from quantmill.tasks._gpu import gpu_slot
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary
@@ -49,6 +47,8 @@ from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
 from quantmill.sources import resolve
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import gpu_slot
 
 CODE_VERSION = "2"
 PREFIX = "base_model.model."
@@ -329,7 +329,7 @@ def merge(base: ModelRef, adapter: Source | None, store_root: str, spec: Merge |
     try:
         adapter_dir, adapter_sha = resolve(adapter, "adapter", store_root)
         art = ArtifactStore(store_root).get_or_build(key, lambda out: merge_lora(Path(base.path), adapter_dir, out, spec))
-    except Exception as exc:  # noqa: BLE001 - the profile's on_failure policy decides
+    except Exception as exc:
         if spec.on_failure == "stop":
             raise
         _logger().warning("merge failed (%s); merge.on_failure=skip_merge: continuing with the unmerged base", exc)

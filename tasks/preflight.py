@@ -18,11 +18,11 @@ from prefect import task
 
 from quantmill import plan, state
 from quantmill.errors import PreflightError, QuantmillError
-from quantmill.inputs import local_input_problems  # noqa: F401 - re-exported
+from quantmill.inputs import local_input_problems
+from quantmill.methods.checks import check_recipe
 from quantmill.profile import Calibration, Evaluation, Profile, Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
-from quantmill.methods.checks import check_recipe
 
 
 def free_bytes(path: Path) -> int:
@@ -33,7 +33,7 @@ def free_bytes(path: Path) -> int:
 
 
 @task(name="preflight")
-def preflight(
+def preflight(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None, *,
     calibration: Calibration, evaluation: Evaluation,
 ) -> dict[str, str]:

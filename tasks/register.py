@@ -7,24 +7,25 @@ import fcntl
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import task
 from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
-from quantmill.tasks._cache import StepCache
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Registry
 from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.tasks._cache import StepCache
 
 CODE_VERSION = "2"
 SHA_TAG = "quantmill.checkpoint_sha256"  # layout 2: serving_digest; older versions: hash of the whole folder
 LAYOUT_TAG = "quantmill.layout"
 
 
-def version_tags(
+def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None,
     digest: str,
 ) -> dict[str, str]:
@@ -132,7 +133,7 @@ def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
     cache_policy=REGISTER_CACHE,
     persist_result=True,
 )
-def register(
+def register(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt: CheckpointRef, result: EvalRef, verdict: Verdict, baseline: EvalRef, base: ModelRef,
     model: ModelRef, calib: CalibRef | None, registry: Registry, run_id: str,
 ) -> str | None:
@@ -162,7 +163,7 @@ def register(
 def _create_version(  # noqa: PLR0913
     client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001
     model: ModelRef, calib: CalibRef | None, run_id: str, digest: str,
-):  # noqa: ANN202 - mlflow ModelVersion
+) -> Any:
     """Variant child run -> logged model (metrics, params, MLflow model files) -> model version."""
     tags = version_tags(ckpt, result, baseline, base, model, calib, digest)
     card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)

@@ -55,7 +55,7 @@ def post_to_prefect(report: dict[str, Any]) -> str:
 
 
 @task(name="publish-report", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def publish_report(
+def publish_report(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     run_id: str, rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", device: str = "",
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:

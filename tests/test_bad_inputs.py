@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantmill.flows.cli import main
 from quantmill import state
 from quantmill.demo import DemoSpec, build_demo_assets
+from quantmill.flows.cli import main
 from tests.conftest import model_cache
 
 TINY = DemoSpec(steps=4, lora_steps=2, batch_size=4)

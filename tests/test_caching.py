@@ -7,10 +7,10 @@ from pathlib import Path
 from prefect import flow, task
 
 from quantmill.caching import fingerprint, step_key
-from quantmill.tasks._cache import StepCache
 from quantmill.profile import TextSource
 from quantmill.refs import ModelRef
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
 
 CACHE = StepCache(step="toy", code_version="1")
 BUILDS: list[int] = []

@@ -25,7 +25,7 @@ def model_ref(path: Path) -> ModelRef:
     return ModelRef(path=str(path), sha256=f"sha-{path.name}", source="demo", summary={"max_position_embeddings": 512})
 
 
-def paragraphs(demo_assets, n: int) -> list[str]:  # noqa: ANN001
+def paragraphs(demo_assets, n: int) -> list[str]:
     """The first `n` non-empty paragraphs of the demo's calibration text (varied lengths)."""
     return [p.strip() for p in demo_assets.calib_path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:n]
 

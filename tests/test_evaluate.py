@@ -110,7 +110,7 @@ def gptq_repo_perplexity(model_dir: Path, ids: torch.Tensor, seqlen: int) -> flo
     return math.exp(float(torch.stack(nlls).sum() / (nsamples * seqlen)))
 
 
-def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, max_tokens: int):  # noqa: ANN201
+def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, max_tokens: int):
     """quantmill's eval-data and baseline evaluation of `model_dir` on `source` (speed off)."""
     model = ModelRef(path=str(model_dir), sha256="demo", source="demo", summary={"max_position_embeddings": 512})
     spec = Evaluation(source=source, max_tokens=max_tokens, window=window, speed=None)
@@ -349,8 +349,8 @@ def test_profile_validation_of_evaluation_fields(demo_assets):
 
 
 def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants, tmp_path, capsys):
-    from quantmill.flows.pipeline import summary_row
     from quantmill import tracking
+    from quantmill.flows.pipeline import summary_row
     from quantmill.report import REPORT_JSON, markdown
     from quantmill.tasks.report import publish_report
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"quantmill": "quantmill", "tasks": "quantmill.tasks", "flows": "quantmill.flows"}  # pyproject package-dir
 PREFECT = ("prefect", "prefect_dask")

@@ -176,8 +176,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     from safetensors.torch import save_file
 
     from quantmill import state
-    from quantmill.methods.registry import build_config
-    from quantmill.methods.registry import QuantizeJob
+    from quantmill.methods.registry import QuantizeJob, build_config
     from quantmill.tasks.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
@@ -192,7 +191,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
 
     original = gptq_config._create_temp_offload_dir
 
-    def spy():  # noqa: ANN202 - records where GPTQModel puts its offload folder
+    def spy():
         folder = original()
         offload.append(folder.name)
         return folder

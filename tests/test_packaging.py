@@ -7,11 +7,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"quantmill": "quantmill", "flows": "quantmill.flows", "tasks": "quantmill.tasks"}

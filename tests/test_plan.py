@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from benchmarks.merge import synthetic_adapter, synthetic_model
-from quantmill.flows.cli import main
 from quantmill.errors import QuantmillError
+from quantmill.flows.cli import main
 from quantmill.plan import (
-    MiB,
     RUNTIME_BYTES,
     Machine,
+    MiB,
     choose_merge_strategy,
     config_weights,
     folder_weights,

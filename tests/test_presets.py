@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from quantmill.flows.cli import main
 from quantmill.errors import QuantmillError
-from quantmill.presets import PRESETS, available, resolve
+from quantmill.flows.cli import main
+from quantmill.presets import available, resolve
 from quantmill.profile import Recipe
 from tests.conftest import subprocess_env
 

@@ -231,7 +231,7 @@ def test_a_newly_registered_method_appears_in_the_form_without_touching_profile_
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
 
     @registry.register_method("toy-q", ToyConfig)
-    def quantize_toy(config, job):  # noqa: ANN001, ANN202
+    def quantize_toy(config, job):
         """Toy quantizer (never run)."""
 
     schema = flow_schema()

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from quantmill.errors import QuantmillError
+from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
 from quantmill.tasks.quantize import bnb, dynamic_int8, fp8
 from quantmill.tasks.quantize.common import audit_quantized
-from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
 
 METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 STEPS = {**dict.fromkeys(METHODS[:3], (bnb.quantize_bnb, bnb.save_bnb)), "fp8": (fp8.quantize_fp8, fp8.save_fp8),

@@ -106,7 +106,7 @@ def broken_method():
         bits: int = 8
 
     @registry.register_method("broken-for-test", BrokenConfig)
-    def broken(config, job):  # noqa: ANN001, ANN202
+    def broken(config, job):
         """Always fails (test only)."""
         raise RuntimeError("kernel exploded")
 
@@ -118,8 +118,8 @@ def broken_method():
 def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broken_method):
     """Threads runner, in process: a grid recipe that does not fit the model is skipped, one that raises is
     reported; the rest are registered, and the report lists both."""
-    from quantmill.flows.sweep import sweep
     from quantmill import tracking
+    from quantmill.flows.sweep import sweep
 
     name = "sweep-partial"
     profile = parse_profile({

@@ -43,7 +43,7 @@ def require_auto_round() -> None:
     """Raise a one-line ValueError when auto-round cannot be imported (never fall back silently)."""
     try:
         import auto_round  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken install (native deps) is as unusable as a missing one: one line
         raise ValueError(AUTOROUND_HINT) from None
 
 

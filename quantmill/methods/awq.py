@@ -64,7 +64,7 @@ def require_autoawq() -> None:
     """Raise a one-line ValueError when AutoAWQ cannot be imported (never fall back silently)."""
     try:
         import awq  # noqa: F401  (autoawq's import name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken install (native deps) is as unusable as a missing one: one line
         raise ValueError(AUTOAWQ_HINT) from None
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, ValidationError
 
@@ -48,7 +49,7 @@ class MethodConfig(BaseModel):
         """Default quality gate: allowed perplexity increase over the baseline, in percent."""
         return 2.0 if self.weight_bits >= 8 else 5.0
 
-    def check_model(self, info: "ModelInfo") -> None:
+    def check_model(self, info: ModelInfo) -> None:
         """Raise ValueError when this config cannot be applied to the model (field and reason)."""
         gs = self.weight_group_size
         if gs and gs > 0:

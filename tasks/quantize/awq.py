@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from quantmill.methods.awq import (  # noqa: F401 - re-exported
     AUTOAWQ_HINT,
@@ -28,14 +29,14 @@ _PATCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def awq_processor_options(**attrs) -> Iterator[None]:
+def awq_processor_options(**attrs: object) -> Iterator[None]:
     """Set AWQProcessor attributes GPTQModel hard-codes (apply_clip, duo_scaling) for one quantize() call."""
     from gptqmodel.looper import awq_processor as mod
 
     original = mod.AWQProcessor
 
     class Configured(original):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             for key, value in attrs.items():
                 if not hasattr(self, key):
@@ -50,7 +51,7 @@ def awq_processor_options(**attrs) -> Iterator[None]:
             mod.AWQProcessor = original
 
 
-def _quantize_gptqmodel(config: AWQConfig, job: QuantizeJob):
+def _quantize_gptqmodel(config: AWQConfig, job: QuantizeJob) -> Any:
     """AWQ through GPTQModel's AWQ processor; return its quant log."""
     from gptqmodel import QuantizeConfig
 

@@ -21,6 +21,8 @@ saving or reading a layer that is repacked anyway fails instead of writing a wro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -41,6 +43,11 @@ from quantmill.tasks.quantize.common import (
     skipped_linears,
 )
 
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from collections.abc import Callable
+
+    from transformers import BitsAndBytesConfig
+
 
 def compute_dtype(config: FixedBitsConfig, device: str) -> torch.dtype:
     """The matmul dtype: the configured one, else fp32 on CPU, bf16 (or fp16) on CUDA; int8 computes in fp16 on CUDA."""
@@ -53,7 +60,7 @@ def compute_dtype(config: FixedBitsConfig, device: str) -> torch.dtype:
     return torch.float16
 
 
-def bnb_config(config: FixedBitsConfig, skip: list[str], device: str):
+def bnb_config(config: FixedBitsConfig, skip: list[str], device: str) -> BitsAndBytesConfig:
     """transformers BitsAndBytesConfig for this method; `skip` lists the exact linear names left unquantized."""
     from transformers import BitsAndBytesConfig
 
@@ -69,7 +76,7 @@ def bnb_config(config: FixedBitsConfig, skip: list[str], device: str):
     )
 
 
-def is_bnb_quantized(config: FixedBitsConfig):
+def is_bnb_quantized(config: FixedBitsConfig) -> Callable[[nn.Module], bool]:
     """Predicate: the module is the bnb layer this method produces (and, for 4-bit, of the right quant type)."""
     import bitsandbytes as bnb
 

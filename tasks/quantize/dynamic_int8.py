@@ -16,10 +16,12 @@ transformers 5.23 on CPU): transformers reads the metadata and rebuilds the Int8
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from quantmill.methods.dynamic_int8 import DynamicInt8Config  # noqa: F401 - re-exported
+from quantmill.methods.dynamic_int8 import DynamicInt8Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
 from quantmill.tasks.quantize.common import (
     audit_quantized,
@@ -29,8 +31,11 @@ from quantmill.tasks.quantize.common import (
     skipped_linears,
 )
 
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from transformers import TorchAoConfig
 
-def torchao_config(config: DynamicInt8Config, skip: list[str]):
+
+def torchao_config(config: DynamicInt8Config, skip: list[str]) -> TorchAoConfig:
     """transformers TorchAoConfig wrapping torchao's Int8DynamicActivationInt8WeightConfig; `skip` = exact names."""
     from torchao.quantization import (
         Int8DynamicActivationInt8WeightConfig,

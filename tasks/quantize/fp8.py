@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantmill.methods.fp8 import FP8Config  # noqa: F401 - re-exported
+from quantmill.methods.fp8 import FP8Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
 from quantmill.tasks.quantize.common import (
     audit_quantized,
@@ -39,7 +39,7 @@ _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vL
 class FP8Linear(nn.Linear):
     """Linear whose weight is stored as float8_e4m3fn with an fp32 [out, 1] scale; dequantizes on each forward."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)

@@ -6,7 +6,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from quantmill.tasks.quantize.rtn import (
     require_all_quantized,
     v1_zero_underflows,
 )
+
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from gptqmodel import QuantizeConfig
 
 # Compute dtype of the calibrated methods on CPU when `compute_dtype: auto`: bf16, chosen by measurement (README:
 # "Compute dtype"): GPTQ's quality gap to RTN and its KL stay within the calibrated-method tests' noise, and bf16
@@ -133,7 +136,7 @@ def method_name(qcfg) -> str:  # noqa: ANN001 - gptqmodel QuantizeConfig
     return str(getattr(qcfg.method, "value", qcfg.method))
 
 
-def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = CPU_AUTO_DTYPE) -> Any:
+def run_gptqmodel(job: QuantizeJob, qcfg: QuantizeConfig, kernel: str, batch_size: int, cpu_dtype: torch.dtype = CPU_AUTO_DTYPE) -> Any:
     """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
     gptqmodel_env()
     from gptqmodel import GPTQModel

@@ -18,7 +18,7 @@ from quantmill.methods.registry import (
     QuantizeJob,
     QuantizeResult,
 )
-from quantmill.methods.rtn import RTNConfig  # noqa: F401 - re-exported
+from quantmill.methods.rtn import RTNConfig
 from quantmill.tasks.quantize.common import (
     copy_tokenizer,
     kept_dtype,
@@ -196,7 +196,7 @@ def rtn_quantize_model(
 
 
 def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
-                         dtype: torch.dtype = torch.float16):
+                         dtype: torch.dtype = torch.float16) -> None:
     """Write model.safetensors (packed linears + the rest in `dtype`) and config.json with quantization_config."""
     from safetensors.torch import save_file
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from quantmill.tasks._cache import StepCache
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
 from quantmill.tasks.quantize.common import load_fp_model, target_linears
 from quantmill.tasks.quantize.rtn import dequantize_weight, quantize_weight
 

@@ -9,14 +9,14 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from quantmill.tasks._cache import StepCache
-from quantmill.tasks._gpu import holding_gpu
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods.checks import check_recipe, uses_calibration  # noqa: F401 - check_recipe re-exported
 from quantmill.methods.registry import QuantizeJob, get_method
 from quantmill.profile import Recipe
 from quantmill.refs import CalibRef, CheckpointRef, ModelRef
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
 from quantmill.tasks.quantize.sensitivity import measured, sensitivity_params
 
 CODE_VERSION = "1"
