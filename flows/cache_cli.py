@@ -173,7 +173,8 @@ def add_commands(sub: Any) -> None:
 
 def run_command(args: argparse.Namespace, run: Any, flow_name: str = "quantize") -> int:
     """`quantmill run|sweep`: resolve the profile, run it with our console, apply storage.keep."""
-    from quantmill.console import run_console, say
+    from quantmill.console import say
+    from quantmill.flows.console import run_console
 
     profile = load_run_profile(args)
     with refreshing(args), run_console(args.verbose) as log:

@@ -139,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from quantmill.demo import build_demo_assets
 
     root = os.environ.get("QUANTMILL_DEMO_ROOT") or state.home() / "demo"
-    from quantmill.console import run_console, say
+    from quantmill.console import say
+    from quantmill.flows.console import run_console
 
     with run_console(args.verbose) as log:
         try:

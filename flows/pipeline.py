@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantmill.flows.hooks import step_hooks
 from quantmill.memory import give_back
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
 from quantmill.tasks.calibrate import calibrate
@@ -64,7 +65,7 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     return {
         "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
         "size_bytes": ckpt.size_bytes, "compression": baseline.metrics["size_bytes"] / max(ckpt.size_bytes, 1),
-        "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), **{
+        "perplexity": ppl, "ppl_delta_pct": ppl_delta_pct(ppl, base), **{
             k: v for k, v in result.metrics.items() if k not in {"perplexity", "size_bytes", "nll"}
         },
         "gate": "pass" if verdict.passed else "FAIL", "reasons": "; ".join(verdict.reasons),

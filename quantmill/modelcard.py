@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from quantmill import __version__
+from quantmill.metrics import ppl_delta_pct
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef
 
 LOADERS = {
@@ -67,7 +68,7 @@ def render(  # noqa: PLR0913 - positional plumbing; the typed step records of is
     label = public_label(base.source)
     vllm_q, extra_pip = LOADERS.get(ckpt.method, (None, ""))
     m, b = result.metrics, baseline.metrics
-    delta = 100.0 * (m["perplexity"] / b["perplexity"] - 1.0)
+    delta = ppl_delta_pct(m["perplexity"], b["perplexity"])
     metric_rows = [("perplexity", f"{m['perplexity']:.4f} (baseline {b['perplexity']:.4f}, {delta:+.2f}%)"),
                    ("size on disk", f"{number(ckpt.size_bytes)} bytes (baseline {number(b.get('size_bytes', 0))})")]
     metric_rows += [(k, number(v)) for k, v in sorted(m.items()) if k not in {"perplexity", "size_bytes", "nll"}]

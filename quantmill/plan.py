@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import QuantmillError
+from quantmill.metrics import LOGITS_BUDGET
 
 MiB = 1 << 20
 RUNTIME_BYTES = 540 * MiB  # the pipeline process at its first step (python, torch, transformers, prefect, mlflow)
@@ -301,7 +302,7 @@ def quantize_memory(weights: Weights, method: str, bits: int, group_size: int | 
 
 def evaluate_memory(model_bytes: int, vocab: int, window: int, batch: int, topk: int) -> int:
     """Scoring one model: its weights plus fp32 logits, their log-softmax and the saved top-k (baseline)."""
-    batch = max(1, min(batch, 2**27 // max(1, window * vocab)))
+    batch = max(1, min(batch, LOGITS_BUDGET // max(1, window * vocab)))
     return STEP_OVERHEAD + model_bytes + 3 * batch * window * vocab * 4 + batch * window * topk * 8
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-LOGITS_BUDGET = 2**27  # fp32 logits elements per forward batch (512 MiB)
+from quantmill.metrics import LOGITS_BUDGET  # noqa: F401 - re-exported
 
 
 def topk_kl(ref_lp: torch.Tensor, ref_ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:

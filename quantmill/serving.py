@@ -15,7 +15,7 @@ from quantmill.hashing import hash_tree
 from quantmill.mlmodel import serving_digest
 
 REF = re.compile(r"^(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))?$")
-SHA_TAG = "quantmill.checkpoint_sha256"
+SHA_TAG = tracking.SHA_TAG
 LAYOUT_TAG = "quantmill.layout"
 
 

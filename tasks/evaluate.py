@@ -26,6 +26,7 @@ from quantmill.console import progress
 from quantmill.devices import device_name
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods import build_config
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Evaluation, Gates
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
 from quantmill.scoring import LOGITS_BUDGET, topk_kl
@@ -454,7 +455,7 @@ def evaluate(
 
 def derived(m: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     """Metrics relative to the baseline: perplexity change, compression, accuracy drop."""
-    out = {"ppl_delta_pct": 100.0 * (m["perplexity"] / b["perplexity"] - 1.0)}
+    out = {"ppl_delta_pct": ppl_delta_pct(m["perplexity"], b["perplexity"])}
     if m.get("size_bytes") and b.get("size_bytes"):
         out["compression"] = b["size_bytes"] / m["size_bytes"]
     if "accuracy" in m and "accuracy" in b:

@@ -16,12 +16,13 @@ from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
 from quantmill.errors import retry_on_transient
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Registry
 from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
 from quantmill.tasks._cache import StepCache
 
 CODE_VERSION = "2"
-SHA_TAG = "quantmill.checkpoint_sha256"  # layout 2: serving_digest; older versions: hash of the whole folder
+SHA_TAG = tracking.SHA_TAG
 LAYOUT_TAG = "quantmill.layout"
 
 
@@ -31,7 +32,7 @@ def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records
 ) -> dict[str, str]:
     """Tags every registered version carries (what, from where, how good): JSON or plain strings."""
     cfg = ckpt.config
-    delta = 100.0 * (result.metrics["perplexity"] / baseline.metrics["perplexity"] - 1.0)
+    delta = ppl_delta_pct(result.metrics["perplexity"], baseline.metrics["perplexity"])
     return {
         SHA_TAG: digest,
         LAYOUT_TAG: mlmodel.LAYOUT,

@@ -27,7 +27,8 @@ def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
     """C-level writes, print, warnings and foreign loggers reach the log; `say` reaches the terminal."""
     script = textwrap.dedent("""
         import logging, os, sys, warnings
-        from quantmill.console import run_console, say
+        from quantmill.console import say
+        from quantmill.flows.console import run_console
         with run_console() as log:
             os.write(1, b"c-level stdout\\n")
             os.write(2, b"c-level stderr\\n")

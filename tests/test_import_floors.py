@@ -14,9 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"quantmill": "quantmill", "tasks": "quantmill.tasks", "flows": "quantmill.flows"}  # pyproject package-dir
 PREFECT = ("prefect", "prefect_dask")
-ALLOWED: set[tuple[str, str]] = {  # (importer, imported) edges still to remove (issue 11); shrink it, never grow it
-    ("quantmill.console", "prefect"),  # run_console imports Prefect first so Prefect sets up logging before it
-}
+ALLOWED: set[tuple[str, str]] = set()  # (importer, imported) edges still to remove; it may only shrink (empty now)
 
 
 def modules() -> dict[str, Path]:
