@@ -6,22 +6,11 @@ import json
 from typing import Any
 
 from quantmill import __version__
+from quantmill.methods import fact_table
 from quantmill.metrics import ppl_delta_pct
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef
 
-LOADERS = {
-    "rtn": ("gptq", "pip install gptqmodel optimum"),
-    "gptq": ("gptq", "pip install gptqmodel optimum"),
-    "awq": ("awq", "pip install gptqmodel"),
-    "bnb-int8": (None, "pip install bitsandbytes"),
-    "bnb-nf4": (None, "pip install bitsandbytes"),
-    "bnb-fp4": (None, "pip install bitsandbytes"),
-    "dynamic-int8": (None, "pip install torchao"),
-    "fp8": ("compressed-tensors", "pip install compressed-tensors"),
-    "w8a8-int8": ("compressed-tensors", "pip install compressed-tensors"),
-    "autoround": ("gptq", "pip install gptqmodel optimum"),
-    "gguf": (None, "pip install gguf"),
-}
+LOADERS: dict[str, tuple[str | None, str]] = fact_table("loader")  # vLLM quantization=, pip line (MethodFacts)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:

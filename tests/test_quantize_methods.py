@@ -341,3 +341,11 @@ def test_every_registered_handler_resolves_to_its_method_module():
         handler = get_method(name).handler
         assert callable(handler) and f"{handler.__module__}:{handler.__name__}" == ref
         assert get_method(name).summary == handler.__doc__.strip().splitlines()[0]  # the form's text, one source
+
+
+def test_every_method_states_its_memory_loading_and_requirements():
+    """The plan, the model card and the MLflow model read these facts from the registry: none may be missing."""
+    from quantmill.methods import fact_table, known_methods
+
+    for fact in ("memory", "loader", "requirements"):
+        assert sorted(fact_table(fact)) == known_methods(), fact

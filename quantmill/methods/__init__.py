@@ -19,11 +19,13 @@ from quantmill.methods import (  # noqa: F401 - importing registers the methods
 from quantmill.methods.checks import uses_calibration  # noqa: F401 - the package's API
 from quantmill.methods.registry import (  # noqa: F401 - the package's API
     MethodConfig,
+    MethodFacts,
     ModelInfo,
     QuantizeJob,
     QuantizeResult,
     QuantMethod,
     build_config,
+    fact_table,
     get_method,
     known_methods,
     method_aliases,

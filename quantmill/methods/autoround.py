@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from quantmill.methods.base import GroupedConfig, check_cpu_int4_group
-from quantmill.methods.registry import ModelInfo, register_config
+from quantmill.methods.registry import MethodFacts, MiB, ModelInfo, register_config
 
 AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Python >= 3.11): '
                   'pip install "auto-round==0.16.1" "torch==2.13.0" (or pip install -e ".[autoround]")')
@@ -53,4 +53,7 @@ register_config(
     handler="quantmill.tasks.quantize.autoround:quantize_autoround",
     calibrated=True,
     summary="AutoRound (sign-gradient rounding/clipping tuning) through auto-round, saved as a GPTQ v1 checkpoint.",
+    facts=MethodFacts(memory=(2.0, 64 * MiB, None),  # a GPTQ-format writer like gptq
+                      loader_library="gptqmodel", eval_dequant=3.0, loader=("gptq", "pip install gptqmodel optimum"),
+                      requirements=("gptqmodel", "optimum")),
 )

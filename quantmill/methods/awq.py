@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_kernel
-from quantmill.methods.registry import ModelInfo, register_config
+from quantmill.methods.registry import MethodFacts, MiB, ModelInfo, register_config
 
 AWQ_KERNELS = {"auto": "auto", "torch": "awq_torch", "gemm": "awq_gemm", "marlin": "awq_marlin",
                "exllama_v2": "awq_exllama_v2"}
@@ -74,4 +74,6 @@ register_config(
     handler="quantmill.tasks.quantize.awq:quantize_awq",
     calibrated=True,
     summary="AWQ 4-bit (activation-aware scales, clipping), saved as an AutoAWQ GEMM checkpoint.",
+    facts=MethodFacts(memory=(2.0, 136 * MiB, None), library="gptqmodel", loader_library="gptqmodel", eval_dequant=3.0,
+                      cpu_load_bytes=2, loader=("awq", "pip install gptqmodel"), requirements=("gptqmodel", "optimum")),
 )

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from quantmill.methods.base import FixedBitsConfig
-from quantmill.methods.registry import register_config
+from quantmill.methods.registry import MethodFacts, MiB, register_config
 
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 
@@ -75,6 +75,8 @@ register_config(
     calibrated=False,
     aliases=("bnb-8bit",),
     summary="bitsandbytes LLM.int8 (8-bit weights, fp16 outliers); reloads with from_pretrained on CPU or CUDA.",
+    facts=MethodFacts(memory=(1.0, 16 * MiB, 0), library="bitsandbytes", eval_dequant=2.4,
+                      loader=(None, "pip install bitsandbytes"), requirements=("bitsandbytes",)),
 )
 
 register_config(
@@ -84,6 +86,8 @@ register_config(
     calibrated=False,
     aliases=("bnb-4bit",),
     summary="bitsandbytes 4-bit NormalFloat (QLoRA format); reloads with from_pretrained on CPU or CUDA.",
+    facts=MethodFacts(memory=(1.0, 16 * MiB, 0), library="bitsandbytes", eval_dequant=1.5,
+                      loader=(None, "pip install bitsandbytes"), requirements=("bitsandbytes",)),
 )
 
 register_config(
@@ -92,4 +96,6 @@ register_config(
     handler="quantmill.tasks.quantize.bnb:quantize_bnb_fp4",
     calibrated=False,
     summary="bitsandbytes 4-bit float (e2m1); reloads with from_pretrained on CPU or CUDA.",
+    facts=MethodFacts(memory=(1.0, 16 * MiB, 0), library="bitsandbytes", eval_dequant=1.5,
+                      loader=(None, "pip install bitsandbytes"), requirements=("bitsandbytes",)),
 )

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from quantmill.methods.base import FixedBitsConfig
-from quantmill.methods.registry import register_config
+from quantmill.methods.registry import MethodFacts, MiB, register_config
 
 
 class DynamicInt8Config(FixedBitsConfig):
@@ -31,4 +31,6 @@ register_config(
     calibrated=False,
     aliases=("dynamic",),
     summary="torchao int8 weights + dynamic per-token int8 activations; reloads with from_pretrained (torchao installed).",
+    facts=MethodFacts(memory=(0.5, 4 * MiB, 0), library="torchao", loader=(None, "pip install torchao"),
+                      requirements=("torchao",)),
 )

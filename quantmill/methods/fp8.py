@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from quantmill.methods.base import FixedBitsConfig
-from quantmill.methods.registry import register_config
+from quantmill.methods.registry import MethodFacts, register_config
 
 
 class FP8Config(FixedBitsConfig):
@@ -24,4 +24,6 @@ register_config(
     handler="quantmill.tasks.quantize.fp8:quantize_fp8_handler",
     calibrated=False,
     summary="Weight-only FP8 e4m3 per channel, compressed-tensors format (vLLM on Hopper; CPU reload: compressed-tensors).",
+    facts=MethodFacts(memory=(0.5, 0, 0), library="", loader=("compressed-tensors", "pip install compressed-tensors"),
+                      requirements=("compressed-tensors",)),
 )

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from quantmill.methods.registry import MethodConfig, ModelInfo, register_config
+from quantmill.methods.registry import MethodConfig, MethodFacts, ModelInfo, register_config
 
 BLOCK = 32  # elements per block of every Q type here
 
@@ -88,4 +88,6 @@ register_config(
     handler="quantmill.tasks.quantize.gguf_export:export_gguf",
     calibrated=False,
     summary="GGUF file (llama.cpp, Ollama, LM Studio): Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/BF16 weights, tokenizer + chat template.",
+    facts=MethodFacts(memory=(0.5, 0, 4),  # streams tensors (F32 norms; embeddings quantized too: an over-estimate)
+                      loader=(None, "pip install gguf"), requirements=("gguf",)),
 )

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from quantmill.methods.base import GPTQFamilyConfig, check_kernel
-from quantmill.methods.registry import register_config
+from quantmill.methods.registry import MethodFacts, MiB, register_config
 
 # Kernel GPTQModel uses for the quantized layers it builds; only "auto" and "torch" run on CPU.
 GPTQ_KERNELS = {"auto": "auto", "torch": "gptq_torch", "triton": "gptq_triton", "exllama_v2": "gptq_exllama_v2",
@@ -51,4 +51,7 @@ register_config(
     handler="quantmill.tasks.quantize.gptq:quantize_gptq",
     calibrated=True,
     summary="GPTQ through GPTQModel (layer-by-layer, Hessian-corrected), saved in GPTQ v1 format.",
+    facts=MethodFacts(memory=(2.0, 136 * MiB, None), library="gptqmodel", loader_library="gptqmodel", eval_dequant=3.0,
+                      cpu_load_bytes=2, loader=("gptq", "pip install gptqmodel optimum"),
+                      requirements=("gptqmodel", "optimum")),
 )

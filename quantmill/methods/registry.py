@@ -104,6 +104,38 @@ class QuantizeResult:
 Handler = Callable[[Any, QuantizeJob], QuantizeResult]
 
 
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What the planner, the model card and the MLflow model know about a method; None: not stated (each reader
+    then uses its default for an unknown method). Measured on the demo, a 34 MiB synthetic Llama and
+    benchmarks/scale.py with torch 2.13 CPU."""
+
+    # (extra RAM as a multiple of the checkpoint size, library first-use bytes, kept-tensor bytes on CPU or None
+    # for the base's half dtype (GPTQ format: bf16/fp16; an fp32 base is kept fp16), 0 for the base dtype)
+    memory: tuple[float, int, int | None] | None = None
+    # The library the quantize step imports, and the one that loads its checkpoint for evaluation: imported once,
+    # it stays in the process (later steps' baseline); methods sharing one are charged once.
+    library: str | None = None
+    loader_library: str | None = None
+    # Evaluating on CPU: bytes per quantized parameter its kernels materialize beside the checkpoint.
+    eval_dequant: float | None = None
+    # Bytes per parameter the quantizer loads the full-precision model in on CPU (None: the base dtype).
+    cpu_load_bytes: int | None = None
+    # How to load the checkpoint (model card): vLLM `quantization=` (None: auto-detected) and the pip line.
+    loader: tuple[str | None, str] | None = None
+    # Packages (besides the base ones) the MLflow model needs to load the checkpoint.
+    requirements: tuple[str, ...] | None = None
+
+
+def fact_table(field_name: str) -> dict[str, Any]:
+    """{method: fact} of every registered method that states `field_name` (see MethodFacts)."""
+    return {name: value for name, method in sorted(_METHODS.items())
+            if (value := getattr(method.facts, field_name)) is not None}
+
+
 @dataclass(frozen=True)
 class QuantMethod:
     """A registered method: its name, config model, handler and whether it needs calibration data.
@@ -116,6 +148,7 @@ class QuantMethod:
     handler_ref: Handler | str
     calibrated: bool
     summary: str
+    facts: MethodFacts = MethodFacts()
 
     @property
     def handler(self) -> Handler:
@@ -153,16 +186,17 @@ def _add(method: QuantMethod, aliases: tuple[str, ...]) -> None:
     _ALIASES.update({alias: name for alias in aliases})
 
 
-def register_config(
+def register_config(  # noqa: PLR0913 - keyword-only: the fields of one registration
     name: str, config_cls: type[MethodConfig], *, handler: str, calibrated: bool, summary: str,
-    aliases: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (), facts: MethodFacts = MethodFacts(),
 ) -> None:
     """Register method `name` (also accepted as any of `aliases`): its config model, handler import path
-    ("package.module:function"), whether it needs calibration data, and its one-line summary (the form shows it)."""
+    ("package.module:function"), whether it needs calibration data, its one-line summary (the form shows it) and
+    its facts (memory, libraries, loading)."""
     _check_names(name, config_cls, aliases)
     if ":" not in handler:
         raise ValueError(f"handler of {name!r} must be 'package.module:function', not {handler!r}")
-    _add(QuantMethod(name, config_cls, handler, calibrated, summary), aliases)
+    _add(QuantMethod(name, config_cls, handler, calibrated, summary, facts), aliases)
 
 
 def register_method(

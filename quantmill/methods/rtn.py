@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantmill.methods.base import GPTQFamilyConfig
-from quantmill.methods.registry import register_config
+from quantmill.methods.registry import MethodFacts, MiB, register_config
 
 
 class RTNConfig(GPTQFamilyConfig):
@@ -16,4 +16,7 @@ register_config(
     handler="quantmill.tasks.quantize.rtn:quantize_rtn",
     calibrated=False,
     summary="Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint.",
+    facts=MethodFacts(memory=(2.0, 100 * MiB, None), library="rtn", loader_library="gptqmodel", eval_dequant=3.0,
+                      cpu_load_bytes=4, loader=("gptq", "pip install gptqmodel optimum"),
+                      requirements=("gptqmodel", "optimum")),
 )

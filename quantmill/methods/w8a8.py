@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from quantmill.methods.base import FixedBitsConfig
-from quantmill.methods.registry import ModelInfo, register_config
+from quantmill.methods.registry import MethodFacts, ModelInfo, register_config
 
 
 @dataclass(frozen=True)
@@ -71,4 +71,7 @@ register_config(
     handler="quantmill.tasks.quantize.w8a8:quantize_w8a8",
     calibrated=True,
     summary="W8A8 int8 (SmoothQuant + per-channel int8 weights + static/dynamic int8 activations), compressed-tensors.",
+    facts=MethodFacts(memory=(1.0, 0, 0),  # norms/embeddings stay in the load dtype
+                      loader=("compressed-tensors", "pip install compressed-tensors"),
+                      requirements=("compressed-tensors",)),
 )
