@@ -145,7 +145,7 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
 
 @torch.no_grad()
 def score_windows(  # noqa: PLR0913 - one pass computes everything that needs logits
-    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001
+    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     reference: dict[str, torch.Tensor] | None = None, topk: int = 0,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Token-weighted perplexity (+ KL/top-1 agreement against `reference`, + this model's top-k log-probs)."""
@@ -198,7 +198,7 @@ def percentile(values: list[float], q: float) -> float:
 
 @torch.no_grad()
 def generation_speed(
-    model, windows: torch.Tensor, spec: Evaluation.Speed, device: str,  # noqa: ANN001
+    model, windows: torch.Tensor, spec: Evaluation.Speed, device: str,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
 ) -> dict[str, float]:
     """Greedy decoding after warm-up: TTFT and per-token latency (smallest batch), tokens/s per batch size."""
     from transformers import LogitsProcessorList
@@ -303,7 +303,7 @@ def read_examples(spec: Evaluation.Accuracy) -> list[tuple[str, list[str], int]]
     return examples
 
 
-def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     """Token ids of the context and of ' choice' following it."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole = tokenizer(f"{context} {choice}", add_special_tokens=False)["input_ids"]
@@ -317,7 +317,7 @@ def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[
 
 @torch.no_grad()
 def choice_accuracy(
-    model, tokenizer, spec: Evaluation.Accuracy, device: str, batch_size: int = 16,  # noqa: ANN001
+    model, tokenizer, spec: Evaluation.Accuracy, device: str, batch_size: int = 16,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
 ) -> dict[str, float]:
     """Accuracy of picking the choice with the highest log-likelihood given the question."""
     examples = read_examples(spec)
@@ -339,7 +339,7 @@ def choice_accuracy(
     return {"accuracy": correct / len(examples), "accuracy_examples": float(len(examples))}
 
 
-def lm_eval_scores(model, tokenizer, spec: Evaluation.LmEval, batch_size: int) -> dict[str, float]:  # noqa: ANN001
+def lm_eval_scores(model, tokenizer, spec: Evaluation.LmEval, batch_size: int) -> dict[str, float]:  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     """lm-evaluation-harness metrics, or {} with a logged reason when the package or task data is unavailable."""
     try:
         import lm_eval

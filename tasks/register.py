@@ -161,8 +161,8 @@ def register(  # noqa: PLR0913 - positional plumbing; the typed step records of 
     return str(mv.version)
 
 
-def _create_version(  # noqa: PLR0913
-    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001
+def _create_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001 - an MlflowClient (mlflow imported lazily)
     model: ModelRef, calib: CalibRef | None, run_id: str, digest: str,
 ) -> Any:
     """Variant child run -> logged model (metrics, params, MLflow model files) -> model version."""

@@ -42,7 +42,7 @@ class AutoRoundConfig(GroupedConfig):
 def require_auto_round() -> None:
     """Raise a one-line ValueError when auto-round cannot be imported (never fall back silently)."""
     try:
-        import auto_round  # noqa: F401
+        import auto_round  # noqa: F401 - importing it is the check
     except Exception:  # noqa: BLE001 - a broken install (native deps) is as unusable as a missing one: one line
         raise ValueError(AUTOROUND_HINT) from None
 

@@ -9,4 +9,4 @@ from quantmill.methods import (  # noqa: F401 - re-exported
     known_methods,
     register_method,
 )
-from quantmill.tasks.quantize.step import quantize  # noqa: F401
+from quantmill.tasks.quantize.step import quantize  # noqa: F401 - the step's task, the package's API

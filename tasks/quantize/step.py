@@ -23,8 +23,8 @@ CODE_VERSION = "1"
 SIDECAR = "quantmill.json"
 
 
-def run_method(  # noqa: PLR0913
-    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001
+def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
     store_root: str,
 ) -> dict:
     """Call the method's handler (after any sensitivity a mixed-precision recipe needs); write the lineage sidecar."""
