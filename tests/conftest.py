@@ -50,12 +50,17 @@ def model_cache() -> Path:
     return Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")
 
 
-@pytest.fixture(scope="session")
-def demo_assets():
-    """The demo Llama (+ LoRA adapter), trained once and cached."""
+def demo_llama():
+    """The demo Llama (+ LoRA adapter), trained on first use and cached (callable outside fixtures)."""
     from quantmill.demo import build_demo_assets
 
     return build_demo_assets(model_cache(), arch="llama", with_adapter=True)
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    """The demo Llama (+ LoRA adapter), trained once and cached."""
+    return demo_llama()
 
 
 @pytest.fixture(scope="session")

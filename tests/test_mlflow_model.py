@@ -16,7 +16,7 @@ from quantmill.mlmodel import local_path, serving_digest
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
 from quantmill.tasks.register import LAYOUT_TAG, SHA_TAG, promote, register
-from tests.conftest import model_cache
+from tests.conftest import demo_llama
 from tests.test_registry import checkpoint_ref
 
 METRICS = {"perplexity": 10.2, "nll": 2.3, "kl_mean": 0.01, "top1_agreement": 0.97, "latency_ms_p50": 3.0,
@@ -28,7 +28,7 @@ BASELINE = EvalRef(name="baseline", method="none", path="/base", metrics={"perpl
 
 def real_checkpoint(root: Path, name: str = "rtn-real") -> CheckpointRef:
     """The cached demo Llama's files as a variant's checkpoint, written with the store path as `_name_or_path`."""
-    src = next(model_cache().glob("llama-*/model"))
+    src = demo_llama().model_dir
     d = root / "store" / name
     shutil.copytree(src, d)
     cfg = json.loads((d / "config.json").read_text())
@@ -168,7 +168,7 @@ def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, t
 def test_gguf_version_is_a_pyfunc_model_without_the_transformers_flavor(tmp_path):
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
-    src, out = next(model_cache().glob("llama-*/model")), tmp_path / "store" / "gguf-q8-0"
+    src, out = demo_llama().model_dir, tmp_path / "store" / "gguf-q8-0"
     out.mkdir(parents=True)
     get_method("gguf").handler(build_config("gguf", {"quant_type": "Q8_0"}), QuantizeJob(src, out, None, "cpu"))
     ckpt = checkpoint_ref(out, "gguf-q8-0").model_copy(update={"method": "gguf", "calib_digest": None,

@@ -16,14 +16,14 @@ from quantmill.mlmodel import serving_digest
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
 from quantmill.tasks.register import SHA_TAG, promote, register
-from tests.conftest import model_cache
+from tests.conftest import demo_llama
 
 ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4"}  # short variant names -> method
-TEMPLATE = next(model_cache().glob("llama-*/model"))  # the cached demo Llama (config, tokenizer)
 
 
-def fake_checkpoint(root: Path, name: str, payload: str, size_pad: int = 0, template: Path = TEMPLATE) -> CheckpointRef:
+def fake_checkpoint(root: Path, name: str, payload: str, size_pad: int = 0, template: Path | None = None) -> CheckpointRef:
     """A small checkpoint folder (a real config and tokenizer, made-up weights) and its reference."""
+    template = template or demo_llama().model_dir  # the demo Llama's config and tokenizer (built on a fresh clone)
     d = root / name
     d.mkdir(parents=True)
     config = json.loads((template / "config.json").read_text())
