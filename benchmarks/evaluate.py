@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def plain_loop(model_dir: Path, windows, batch_size: int) -> tuple[float, int]:  # noqa: ANN001
+def plain_loop(model_dir: Path, windows, batch_size: int) -> tuple[float, int]:
     """Perplexity with transformers' own loss, batch by batch; returns (perplexity, tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -38,7 +38,7 @@ def plain_loop(model_dir: Path, windows, batch_size: int) -> tuple[float, int]: 
     return math.exp(nll / count), count
 
 
-def interleaved(repeats: int, **fns) -> dict:  # noqa: ANN003
+def interleaved(repeats: int, **fns) -> dict:
     """Run every fn once per round, alternating, and keep each one's fastest time and last result."""
     best = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
@@ -70,7 +70,7 @@ def main() -> int:
     from quantmill.demo import build_demo_assets
     from quantmill.profile import Evaluation
     from quantmill.refs import CheckpointRef, ModelRef
-    from tasks.evaluate import eval_data, evaluate, load_windows
+    from quantmill.tasks.evaluate import eval_data, evaluate, load_windows
 
     cache = Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")
     assets = build_demo_assets(cache, arch="llama", with_adapter=False)
@@ -82,7 +82,7 @@ def main() -> int:
     windows, _ = load_windows(data.path)
     stores: list[str] = []
 
-    def quantmill_baseline():  # noqa: ANN202
+    def quantmill_baseline():
         stores.append(str(home / f"store-{len(stores)}"))  # a fresh store: scores instead of hitting the cache
         return evaluate.fn(model, data, "cpu", stores[-1], spec=spec)
 
@@ -91,7 +91,7 @@ def main() -> int:
     as_variant = CheckpointRef(name="same", method="rtn", config={}, path=model.path, sha256="same", size_bytes=1,
                                base_sha256="bench", calib_digest=None, store_key="same")
 
-    def quantmill_variant():  # noqa: ANN202
+    def quantmill_variant():
         key = evaluate.fn(as_variant, data, "cpu", store, baseline=base, spec=spec).store_key
         shutil.rmtree(Path(store) / "objects" / key)  # next round scores again instead of hitting the store
         return key

@@ -106,7 +106,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     else:
-        import tasks.merge  # noqa: F401
+        import quantmill.tasks.merge  # noqa: F401
         from quantmill.plan import this_machine
 
         this_machine()  # first-use costs (yaml, psutil, torch's thread pool) are not the merge's memory
@@ -124,7 +124,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
         PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
     elif mode != "baseline":
         from quantmill.profile import Merge
-        from tasks.merge import merge_lora
+        from quantmill.tasks.merge import merge_lora
 
         merge_lora(Path(base), Path(adapter), Path(out), Merge(strategy=mode))
     seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ def timed_cli(home: Path, *args: str, **env: str) -> float:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     clean.update(QUANTMILL_HOME=str(home), **env)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=clean, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=REPO, env=clean, capture_output=True,
                           text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:

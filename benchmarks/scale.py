@@ -187,7 +187,7 @@ def run_pipeline(work: Path, model: Path, adapter: Path, demo, size: dict) -> di
                "registry": {"model_name": "scale-bench"}, "storage": {"root": str(home / "artifacts")}}
     path = work / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(path)]
+    cmd = [sys.executable, "-m", "quantmill.flows.cli", "run", str(path)]
     wall, peak, out = timed(cmd, env_for(home), work / "pipeline.log")
     cached, _, _ = timed(cmd, env_for(home), work / "pipeline-cached.log")
     steps = {s: int(m) * MiB for s, m in re.findall(r"memory: step (\S+) peak RSS (\d+) MiB", out)}

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 GRID = [{"methods": ["rtn"], "bits": [4, 8], "group_sizes": [64]}, {"methods": ["bnb-int8", "bnb-nf4"]}]
 
 
-def sweep_profile(assets, runner: str, workers: int) -> dict:  # noqa: ANN001 - DemoAssets
+def sweep_profile(assets, runner: str, workers: int) -> dict:
     """The demo model with a four-recipe grid on `workers` workers."""
     return {
         "name": "bench-sweep",
@@ -35,7 +35,7 @@ def sweep_profile(assets, runner: str, workers: int) -> dict:  # noqa: ANN001 - 
     }
 
 
-def timed_sweep(assets, runner: str, workers: int) -> float:  # noqa: ANN001
+def timed_sweep(assets, runner: str, workers: int) -> float:
     """Wall seconds of one `quantmill sweep` in a fresh process and state folder."""
     from benchmarks.rerun import timed_cli
 

@@ -7,7 +7,8 @@ import argparse
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from quantmill import refresh
 
@@ -172,7 +173,8 @@ def add_commands(sub: Any) -> None:
 
 def run_command(args: argparse.Namespace, run: Any, flow_name: str = "quantize") -> int:
     """`quantmill run|sweep`: resolve the profile, run it with our console, apply storage.keep."""
-    from quantmill.console import run_console, say
+    from quantmill.console import say
+    from quantmill.flows.console import run_console
 
     profile = load_run_profile(args)
     with refreshing(args), run_console(args.verbose) as log:

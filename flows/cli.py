@@ -7,8 +7,9 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from quantmill import state
 from quantmill.errors import NetworkError, QuantmillError
@@ -88,10 +89,12 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
 
     check_reachable()
     state.private_scratch()  # library temp folders (GPTQModel offload) under the state folder, swept when dead
-    state.guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
+    from quantmill.flows.server import guard_prefect_server
+
+    guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9
     _quiet_user_errors()
-    from flows.pipeline import quantize_pipeline
-    from flows.sweep import sweep
+    from quantmill.flows.pipeline import quantize_pipeline
+    from quantmill.flows.sweep import sweep
 
     start = time.time()
     state_ = (sweep if flow_name == "sweep" else quantize_pipeline)(profile, return_state=True)
@@ -101,13 +104,13 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.cache_cli import run_command
+    from quantmill.flows.cache_cli import run_command
 
     return run_command(args, run_loaded)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.cache_cli import run_command
+    from quantmill.flows.cache_cli import run_command
 
     return run_command(args, run_loaded, flow_name="sweep")
 
@@ -117,7 +120,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile, args.set or [])
     recipes, skipped = profile.all_recipes()
-    from tasks.preflight import local_input_problems
+    from quantmill.inputs import local_input_problems
 
     problems = local_input_problems(profile)  # paths, config.json, tokenizer, headers, text files: nothing loaded
     if problems:
@@ -136,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from quantmill.demo import build_demo_assets
 
     root = os.environ.get("QUANTMILL_DEMO_ROOT") or state.home() / "demo"
-    from quantmill.console import run_console, say
+    from quantmill.console import say
+    from quantmill.flows.console import run_console
 
     with run_console(args.verbose) as log:
         try:
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (built on demand, never at import)."""
     parser = argparse.ArgumentParser(prog="quantmill", description="Quantize, evaluate and register LLM variants.")
     sub = parser.add_subparsers(dest="command", required=True)
-    from flows.cache_cli import add_commands, add_run_options
+    from quantmill.flows.cache_cli import add_commands, add_run_options
 
     p = sub.add_parser("run", help="run a profile (or --preset NAME --model PATH) through the pipeline")
     p.add_argument("profile", nargs="?")

@@ -12,19 +12,21 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
-from quantmill.memory import give_back, step_hooks
+from quantmill.flows.hooks import step_hooks
+from quantmill.memory import give_back
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Profile, Recipe
 from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
-from tasks.calibrate import calibrate
-from tasks.download import download
-from tasks.evaluate import eval_data, evaluate, gate
-from tasks.merge import merge
-from tasks.preflight import check_inputs, preflight
-from tasks.quantize import quantize
-from tasks.quantize.common import pick_device
-from tasks.register import promote, register
-from tasks.report import publish_report
-from tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
+from quantmill.tasks.calibrate import calibrate
+from quantmill.tasks.download import download
+from quantmill.tasks.evaluate import eval_data, evaluate, gate
+from quantmill.tasks.merge import merge
+from quantmill.tasks.preflight import check_inputs, preflight
+from quantmill.tasks.quantize import quantize
+from quantmill.tasks.quantize.common import pick_device
+from quantmill.tasks.register import promote, register
+from quantmill.tasks.report import publish_report
+from quantmill.tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
 
 
 class RunSummary(BaseModel):
@@ -63,7 +65,7 @@ def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # 
     return {
         "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
         "size_bytes": ckpt.size_bytes, "compression": baseline.metrics["size_bytes"] / max(ckpt.size_bytes, 1),
-        "perplexity": ppl, "ppl_delta_pct": 100.0 * (ppl / base - 1.0), **{
+        "perplexity": ppl, "ppl_delta_pct": ppl_delta_pct(ppl, base), **{
             k: v for k, v in result.metrics.items() if k not in {"perplexity", "size_bytes", "nll"}
         },
         "gate": "pass" if verdict.passed else "FAIL", "reasons": "; ".join(verdict.reasons),

@@ -8,11 +8,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.errors import QuantmillError
+from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.memory import give_back
 from quantmill.profile import Profile, Sweep
-from tasks.track import RUN_HOOKS
+from quantmill.tasks.track import RUN_HOOKS
 
 
 def api_url() -> str:

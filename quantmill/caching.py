@@ -1,21 +1,17 @@
-"""Prefect cache policy keyed on content hashes, with artifacts verified before a cache hit."""
+"""Cache keys from content hashes (the steps' Prefect cache policy, StepCache, is in quantmill.tasks._cache)."""
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-from prefect.cache_policies import CachePolicy
-from prefect.settings import get_current_settings
 from pydantic import BaseModel
 
-from quantmill import refresh
 from quantmill.hashing import sha256_file
 from quantmill.refs import Ref
-from quantmill.store import ArtifactStore, artifact_key, note_inputs
+from quantmill.store import ArtifactStore, artifact_key
 
 log = logging.getLogger("quantmill.cache")
 
@@ -54,7 +50,7 @@ def step_key(step: str, code_version: str, inputs: dict[str, Any], exclude: tupl
     return artifact_key(step, code=code_version, inputs=parts)
 
 
-Verifier = Callable[[str, dict[str, Any]], Optional[str]]
+Verifier = Callable[[str, dict[str, Any]], str | None]
 
 
 def verify_in_store(key: str, inputs: dict[str, Any]) -> str | None:
@@ -62,41 +58,3 @@ def verify_in_store(key: str, inputs: dict[str, Any]) -> str | None:
     return ArtifactStore(inputs["store_root"]).verify(key)
 
 
-@dataclass
-class StepCache(CachePolicy):
-    """Key = step + code version + inputs' content; a stale Prefect record is dropped before lookup."""
-
-    step: str = ""
-    code_version: str = "1"
-    exclude: tuple[str, ...] = ("store_root", "run_id")
-    verifier: Verifier | None = verify_in_store
-    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-
-    def key_for(self, inputs: dict[str, Any]) -> str:
-        """The key of a run with these inputs (task bodies use it as their store key)."""
-        if self.normalize is not None:
-            inputs = self.normalize(dict(inputs))
-        key = step_key(self.step, self.code_version, inputs, self.exclude)
-        note_inputs(key, refresh.input_keys(inputs))
-        return key
-
-    def compute_key(
-        self,
-        task_ctx: Any,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
-    ) -> Optional[str]:
-        key = self.key_for(inputs)
-        record = Path(get_current_settings().results.local_storage_path) / key
-        if refresh.active():  # --refresh/--no-cache: drop the record so the task runs, and rebuild its artifact
-            if refresh.should_force(self.step, key, self.normalize(dict(inputs)) if self.normalize else inputs):
-                record.unlink(missing_ok=True)
-                return key
-        if self.verifier is not None and record.exists():
-            problem = self.verifier(key, inputs)
-            if problem is not None:
-                if problem != "missing":
-                    log.warning("cached %s result is stale (%s); recomputing", self.step, problem)
-                os.unlink(record)
-        return key

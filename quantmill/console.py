@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from quantmill import state
 
@@ -83,7 +83,7 @@ class StepLines(logging.Handler):
         run = getattr(record, "task_run_name", None) or ""
         return run.rsplit("-", 1)[0] if run else ""
 
-    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage()
             run = getattr(record, "task_run_name", None) or "?"
@@ -110,7 +110,7 @@ class StepLines(logging.Handler):
                 say(line)
             elif record.levelno >= logging.WARNING and record.name.startswith(("prefect.task_runs", "prefect.flow_runs")):
                 say(f"  warning: {step + ': ' if step else ''}{msg.splitlines()[0][:300]}")
-        except Exception:  # noqa: BLE001, S110 - a console line must never break a run (nor recurse into logging)
+        except Exception:  # noqa: BLE001 - a console line must never break a run (nor recurse into logging)
             pass
 
 
@@ -120,7 +120,7 @@ class OurWarnings(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
 
-    def emit(self, record: logging.LogRecord) -> None:  # noqa: D102
+    def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
             say(f"  warning: {record.getMessage().splitlines()[0][:300]}")
 
@@ -132,7 +132,7 @@ class ServerLinesToLog(logging.Filter):
         super().__init__()
         self.path = path
 
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102
+    def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "prefect" and "temporary server" in record.getMessage():
             with contextlib.suppress(OSError), open(self.path, "a") as fh:
                 fh.write(f"{record.levelname} | {record.name} - {record.getMessage()}\n")
@@ -155,55 +155,3 @@ def debug_log_path() -> Path:
     return folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-@contextlib.contextmanager
-def run_console(verbose: bool = False) -> Iterator[Path]:
-    """Route third-party output to a debug log for the duration of a run; yields the log's path."""
-    global _stream, _bar_on
-    from prefect import flow  # noqa: F401 - Prefect configures logging on first use: before we attach to it
-
-    path = debug_log_path()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved_out, saved_err = os.dup(1), os.dup(2)
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        real = sys.stdout.fileno() == 1
-    except (AttributeError, OSError, ValueError):
-        real = False  # sys.stdout was replaced (an embedding program, pytest's capsys): keep writing to it
-    _stream = os.fdopen(os.dup(1), "w", buffering=1) if real else sys.stdout
-    _bar_on = _stream.isatty()
-    file_handler = logging.FileHandler(path) if verbose else None
-    if not verbose:
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-    steps, ours = StepLines(), OurWarnings()
-    watched = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
-    levels = [lg.level for lg in watched]
-    for lg in watched:
-        lg.addHandler(steps)
-        lg.setLevel(logging.DEBUG)  # the 'Executing task' record marks a step's start
-    quantmill_log = logging.getLogger("quantmill")
-    quantmill_log.addHandler(ours)
-    if file_handler is not None:
-        logging.getLogger().addHandler(file_handler)
-    try:
-        yield path
-    finally:
-        keep_server_lines_in(path)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for lg, level in zip(watched, levels):
-            lg.removeHandler(steps)
-            lg.setLevel(level)
-        quantmill_log.removeHandler(ours)
-        if file_handler is not None:
-            logging.getLogger().removeHandler(file_handler)
-            file_handler.close()
-        os.dup2(saved_out, 1)
-        os.dup2(saved_err, 2)
-        for fd in (saved_out, saved_err, log_fd):
-            os.close(fd)
-        _bar_on = False
-        if real:
-            _stream.close()
-        _stream = None

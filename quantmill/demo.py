@@ -10,11 +10,15 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # transformers is imported where it is used (importing this module stays light)
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 CODE_VERSION = "1"
 ARCHS = ("llama", "qwen2")
@@ -120,7 +124,7 @@ def _validate(arch: str, spec: DemoSpec) -> None:
         raise ValueError("steps and batch_size must be >= 1")
 
 
-def train_tokenizer(text: str, vocab_size: int, max_length: int = 512):
+def train_tokenizer(text: str, vocab_size: int, max_length: int = 512) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE tokenizer and wrap it as a fast HF tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -139,7 +143,7 @@ def train_tokenizer(text: str, vocab_size: int, max_length: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **SPECIAL_TOKENS)
 
 
-def make_config(arch: str, spec: DemoSpec, tokenizer):
+def make_config(arch: str, spec: DemoSpec, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """Build the transformers config for `arch` from `spec` and the tokenizer's special ids."""
     from transformers import LlamaConfig, Qwen2Config
 
@@ -194,7 +198,7 @@ def _hf_progress(quiet: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _lr_lambda(warmup: int, total: int):
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warmup then cosine decay to 10% of the peak learning rate."""
 
     def fn(step: int) -> float:
@@ -206,7 +210,9 @@ def _lr_lambda(warmup: int, total: int):
     return fn
 
 
-def _train_loop(model, ids: torch.Tensor, spec: DemoSpec, steps: int, lr: float, seed: int, desc: str, quiet: bool):
+def _train_loop(  # noqa: PLR0913 - one training run's settings; private, called twice
+    model: PreTrainedModel, ids: torch.Tensor, spec: DemoSpec, steps: int, lr: float, seed: int, desc: str, quiet: bool,
+) -> float:
     """Train `model` on random windows of `ids` with AdamW + warmup/cosine; return the final loss."""
     from tqdm.auto import tqdm
 
@@ -240,13 +246,13 @@ def _train_loop(model, ids: torch.Tensor, spec: DemoSpec, steps: int, lr: float,
     return loss_value
 
 
-def _token_ids(tokenizer, text: str) -> torch.Tensor:
+def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     """Tokenize `text` into a flat LongTensor without special tokens."""
     return torch.tensor(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
 
 
 @torch.no_grad()
-def eval_perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int | None = None) -> float:
+def eval_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, text: str, seq_len: int = 128, max_windows: int | None = None) -> float:
     """Perplexity of `model` on `text`, over non-overlapping windows of `seq_len` tokens."""
     ids = _token_ids(tokenizer, text)
     n = ids.numel() // seq_len
@@ -267,7 +273,7 @@ def eval_perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows
     return math.exp(total / count)
 
 
-def _train_model(arch: str, spec: DemoSpec, tokenizer, train_text: str, out_dir: Path, quiet: bool) -> None:
+def _train_model(arch: str, spec: DemoSpec, tokenizer: PreTrainedTokenizerFast, train_text: str, out_dir: Path, quiet: bool) -> None:
     """Train the base model on `train_text` and save it (float32 safetensors) to `out_dir`."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 

@@ -15,9 +15,9 @@ import gc
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
 
 _LOCK = threading.Lock()
 
@@ -39,7 +39,7 @@ def _trim() -> None:
 
 
 @contextmanager
-def signals_deferred() -> Any:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGINT in the main thread until the block ends, then deliver them to the handler in force.
 
     A signal handler raises (SystemExit, Prefect's TerminationSignal, KeyboardInterrupt) wherever the main thread
@@ -100,24 +100,3 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def step_hooks(label: str, peaks: dict[str, int] | None = None) -> dict[str, list[Callable[..., None]]]:
-    """`Task.with_options` hooks for one heavy step: the process's peak RSS while it ran (baseline included) is
-    logged as `memory: step LABEL peak RSS N MiB` and kept in `peaks`, then the step's memory is given back.
-
-    Steps of one pipeline run one at a time, so the peak is the step's own; in a threaded sweep it is the
-    process's peak while the step ran (other variants included)."""
-
-    def started(*_args: object) -> None:
-        reset_peak()
-
-    def ended(task: Any, run: Any, state: Any) -> None:
-        peak, after = peak_rss(), give_back()
-        if state.name != "Cached":  # a cache hit never ran: the mark is not its own
-            if peaks is not None:
-                peaks[label] = peak
-            from prefect.logging.loggers import task_run_logger
-
-            task_run_logger(run, task).info("memory: step %s peak RSS %.0f MiB, %.0f MiB after it", label,
-                                            peak / 2**20, after / 2**20)
-
-    return {"on_running": [started], "on_completion": [ended], "on_failure": [give_back_hook]}

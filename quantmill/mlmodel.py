@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from quantmill.hashing import manifest_digest, sha256_file, stable_hash
+from quantmill.methods import fact_table
 
 PYFUNC_MODULE = "quantmill_pyfunc"
 LAYOUT = "2"  # tag `quantmill.layout`; versions without it were written as bare checkpoint folders
@@ -43,19 +44,7 @@ TOKENIZER_FILES = (
 )
 BASE_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "accelerate", "pandas")
 # What a method's checkpoint needs at load time, besides BASE_REQUIREMENTS.
-METHOD_REQUIREMENTS: dict[str, tuple[str, ...]] = {
-    "rtn": ("gptqmodel", "optimum"),
-    "gptq": ("gptqmodel", "optimum"),
-    "awq": ("gptqmodel", "optimum"),
-    "bnb-int8": ("bitsandbytes",),
-    "bnb-nf4": ("bitsandbytes",),
-    "bnb-fp4": ("bitsandbytes",),
-    "dynamic-int8": ("torchao",),
-    "fp8": ("compressed-tensors",),
-    "w8a8-int8": ("compressed-tensors",),
-    "autoround": ("gptqmodel", "optimum"),
-    "gguf": ("gguf",),
-}
+METHOD_REQUIREMENTS: dict[str, tuple[str, ...]] = fact_table("requirements")  # registered with each method
 # Methods whose checkpoints MLflow's transformers flavor cannot load, with MLflow's reason (README lists them).
 TRANSFORMERS_FLAVOR_REJECTS: dict[str, str] = {
     "gguf": "mlflow.transformers loads `from_pretrained(<model folder>)` with no `gguf_file` argument, and a GGUF "
@@ -221,7 +210,7 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     model.save(str(dest / "MLmodel"))
 
 
-def stage_version(
+def stage_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt_dir: Path, dest: Path, *, method: str, label: str, card: str, sidecar: dict[str, Any], run_id: str,
     model_id: str,
 ) -> Path:

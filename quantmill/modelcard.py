@@ -6,21 +6,11 @@ import json
 from typing import Any
 
 from quantmill import __version__
+from quantmill.methods import fact_table
+from quantmill.metrics import ppl_delta_pct
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef
 
-LOADERS = {
-    "rtn": ("gptq", "pip install gptqmodel optimum"),
-    "gptq": ("gptq", "pip install gptqmodel optimum"),
-    "awq": ("awq", "pip install gptqmodel"),
-    "bnb-int8": (None, "pip install bitsandbytes"),
-    "bnb-nf4": (None, "pip install bitsandbytes"),
-    "bnb-fp4": (None, "pip install bitsandbytes"),
-    "dynamic-int8": (None, "pip install torchao"),
-    "fp8": ("compressed-tensors", "pip install compressed-tensors"),
-    "w8a8-int8": ("compressed-tensors", "pip install compressed-tensors"),
-    "autoround": ("gptq", "pip install gptqmodel optimum"),
-    "gguf": (None, "pip install gguf"),
-}
+LOADERS: dict[str, tuple[str | None, str]] = fact_table("loader")  # vLLM quantization=, pip line (MethodFacts)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -57,7 +47,7 @@ def _evaluation_text(result: EvalRef) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
-def render(
+def render(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     model_name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef,
     calib_source: str | None,
 ) -> str:
@@ -67,7 +57,7 @@ def render(
     label = public_label(base.source)
     vllm_q, extra_pip = LOADERS.get(ckpt.method, (None, ""))
     m, b = result.metrics, baseline.metrics
-    delta = 100.0 * (m["perplexity"] / b["perplexity"] - 1.0)
+    delta = ppl_delta_pct(m["perplexity"], b["perplexity"])
     metric_rows = [("perplexity", f"{m['perplexity']:.4f} (baseline {b['perplexity']:.4f}, {delta:+.2f}%)"),
                    ("size on disk", f"{number(ckpt.size_bytes)} bytes (baseline {number(b.get('size_bytes', 0))})")]
     metric_rows += [(k, number(v)) for k, v in sorted(m.items()) if k not in {"perplexity", "size_bytes", "nll"}]

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import QuantmillError
+from quantmill.methods import fact_table
+from quantmill.metrics import LOGITS_BUDGET
 
 MiB = 1 << 20
 RUNTIME_BYTES = 540 * MiB  # the pipeline process at its first step (python, torch, transformers, prefect, mlflow)
@@ -65,7 +67,7 @@ class Weights:
     def itemsize(self) -> int:
         """Bytes per element of the dominant floating dtype."""
         by: dict[int, int] = {}
-        for n, (d, s) in self.tensors.items():
+        for d, s in self.tensors.values():
             by[DTYPE_BYTES.get(d, 4)] = by.get(DTYPE_BYTES.get(d, 4), 0) + math.prod(s)
         return max(by, key=by.get) if by else 2
 
@@ -224,31 +226,15 @@ def gib(n: float) -> str:
 
 # ---------- the other steps ----------
 
-# Per method: (extra RAM as a multiple of the checkpoint size, library first-use bytes, kept-tensor bytes on CPU
-# or None for the base's half dtype (GPTQ format: bf16/fp16; an fp32 base is kept fp16), 0 for the base dtype);
-# measured on the demo, a 34 MiB synthetic Llama and benchmarks/scale.py with torch 2.13 CPU.
-METHODS: dict[str, tuple[float, int, int | None]] = {
-    "rtn": (2.0, 100 * MiB, None), "gptq": (2.0, 136 * MiB, None), "awq": (2.0, 136 * MiB, None),
-    "bnb-int8": (1.0, 16 * MiB, 0), "bnb-nf4": (1.0, 16 * MiB, 0), "bnb-fp4": (1.0, 16 * MiB, 0),
-    "dynamic-int8": (0.5, 4 * MiB, 0), "fp8": (0.5, 0, 0),
-    # w8a8-int8 keeps norms/embeddings in the load dtype; gguf streams tensors (F32 norms; its embeddings are
-    # quantized too, so this over-estimates); autoround is a GPTQ-format writer like gptq
-    "w8a8-int8": (1.0, 0, 0), "autoround": (2.0, 64 * MiB, None), "gguf": (0.5, 0, 4),
-}
-# The library a method's quantize step imports, and the one that loads its checkpoint for evaluation: imported
-# once, it stays in the process (later steps' baseline); methods sharing one are charged once.
-LIBRARY = {"rtn": "rtn", "gptq": "gptqmodel", "awq": "gptqmodel", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes",
-           "bnb-fp4": "bitsandbytes", "dynamic-int8": "torchao", "fp8": ""}
-LOADER = {"rtn": "gptqmodel", "gptq": "gptqmodel", "awq": "gptqmodel", "autoround": "gptqmodel"}
+# Per-method facts (memory factors, libraries, CPU load dtype, evaluation dequantization) are registered with each
+# method (quantmill/methods/<method>.py, MethodFacts); these tables are read from the registry.
+METHODS: dict[str, tuple[float, int, int | None]] = fact_table("memory")
+LIBRARY: dict[str, str] = fact_table("library")
+LOADER: dict[str, str] = fact_table("loader_library")
 # Steps' own first use (stays resident): the tokenizer stack the calibration step imports.
 STEP_LIBRARY_BYTES = {"tokenizers": 160 * MiB}
-# Evaluating a checkpoint on CPU: bytes per quantized parameter its kernels materialize beside the checkpoint
-# (dequantized weights; GPTQ's torch kernel, bnb's int8 fp16 cast), measured with benchmarks/scale.py.
-EVAL_DEQUANT = {"rtn": 3.0, "gptq": 3.0, "awq": 3.0, "autoround": 3.0, "bnb-int8": 2.4, "bnb-nf4": 1.5,
-                "bnb-fp4": 1.5}
-# dtype a quantizer loads the full-precision model in on CPU: rtn fp32 (its math), GPTQModel the compute dtype
-# (bf16, tasks/quantize/gptq.py), bitsandbytes/torchao/fp8 the base dtype.
-CPU_LOAD_BYTES = {"rtn": 4, "gptq": 2, "awq": 2}
+EVAL_DEQUANT: dict[str, float] = fact_table("eval_dequant")
+CPU_LOAD_BYTES: dict[str, int] = fact_table("cpu_load_bytes")
 
 
 def library_of(method: str, loading: bool = False) -> str:
@@ -301,7 +287,7 @@ def quantize_memory(weights: Weights, method: str, bits: int, group_size: int | 
 
 def evaluate_memory(model_bytes: int, vocab: int, window: int, batch: int, topk: int) -> int:
     """Scoring one model: its weights plus fp32 logits, their log-softmax and the saved top-k (baseline)."""
-    batch = max(1, min(batch, 2**27 // max(1, window * vocab)))
+    batch = max(1, min(batch, LOGITS_BUDGET // max(1, window * vocab)))
     return STEP_OVERHEAD + model_bytes + 3 * batch * window * vocab * 4 + batch * window * topk * 8
 
 
@@ -363,7 +349,7 @@ def adapter_facts(source: Any) -> tuple[dict[str, Any], int, dict[str, Any] | No
         cfg_file = d / "adapter_config.json"
         if not cfg_file.is_file():
             raise QuantmillError(f"adapter.path: {d} has no adapter_config.json; point at a peft adapter folder")
-        from tasks.merge import detect_training
+        from quantmill.adapters import detect_training
 
         cfg = json.loads(cfg_file.read_text())
         size = sum(f.stat().st_size for f in d.glob("adapter_model.*"))
@@ -398,7 +384,7 @@ def merge_row(w: Weights, adapter: Any, spec: Any, m: Machine) -> StepPlan:
 
 def quantize_row(w: Weights, recipe: Any, cal: Any, device: str, m: Machine) -> StepPlan:
     """One recipe's quantize step: memory on `device`, checkpoint size, and what to change if it does not fit."""
-    from tasks.quantize.step import uses_calibration
+    from quantmill.methods.checks import uses_calibration
 
     c = recipe.config()
     calib = (cal.num_samples, cal.seq_len) if uses_calibration(recipe) else None

@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from quantmill.errors import ProfileError
 
@@ -65,7 +72,7 @@ class Source(Strict):
     trust_remote_code: bool = Field(False, description="Run the model repo's own Python code (only for trusted repos)")
 
     @model_validator(mode="after")
-    def _one_of(self) -> "Source":
+    def _one_of(self) -> Source:
         if (self.repo_id is None) == (self.path is None):
             raise ValueError("give exactly one of 'repo_id' (Hugging Face) or 'path' (local directory)")
         if self.repo_id is not None:
@@ -109,7 +116,7 @@ class TextSource(Strict):
     streaming: bool = Field(False, description="Stream the dataset instead of downloading all of it")
 
     @model_validator(mode="after")
-    def _one_of(self) -> "TextSource":
+    def _one_of(self) -> TextSource:
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give exactly one of 'path' (local .txt/.jsonl/.csv) or 'dataset' (hub dataset name)")
         if self.path is not None:
@@ -164,7 +171,7 @@ class Calibration(Strict):
         None, description="packed: windows of the joined text; samples: one row each, masked (default for chat data)")
 
     @model_validator(mode="after")
-    def _mode(self) -> "Calibration":
+    def _mode(self) -> Calibration:
         if self.mode is None:
             self.mode = "samples" if self.source.messages_field else "packed"
         if self.mode == "samples" and self.source.is_one_document:
@@ -244,7 +251,7 @@ class Evaluation(Strict):
     method_gates: dict[str, Gates] = Field({}, description="Gates per method name, overriding `gates` for it")
 
     @model_validator(mode="after")
-    def _stride(self) -> "Evaluation":
+    def _stride(self) -> Evaluation:
         if self.stride is not None and self.window is not None and self.stride > self.window:
             raise ValueError(f"stride {self.stride} exceeds window {self.window}; use stride <= window")
         return self
@@ -290,7 +297,7 @@ class Recipe(Strict):
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
         """One branch per registered method with that method's options (the registry builds it)."""
-        from tasks.quantize.registry import recipe_json_schema
+        from quantmill.methods.registry import recipe_json_schema
 
         name = {"title": "Name", "type": "string", "description": cls.model_fields["name"].description}
         return {"title": "Recipe", "description": cls.__doc__, **recipe_json_schema(handler, {"name": name})}
@@ -306,8 +313,8 @@ class Recipe(Strict):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
-        from tasks.quantize import build_config, get_method
+    def _check(self) -> Recipe:
+        from quantmill.methods import build_config, get_method
 
         self.method = get_method(self.method).name  # an alias (e.g. bnb-4bit) is recorded as its canonical name
         config = build_config(self.method, self.params)
@@ -318,7 +325,7 @@ class Recipe(Strict):
 
     def config(self):  # noqa: ANN201 - MethodConfig, imported lazily
         """The method's typed config."""
-        from tasks.quantize import build_config
+        from quantmill.methods import build_config
 
         return build_config(self.method, self.params)
 
@@ -337,7 +344,7 @@ class Sweep(Strict):
         @field_validator("methods")
         @classmethod
         def _known(cls, v: list[str]) -> list[str]:
-            from tasks.quantize import get_method
+            from quantmill.methods import get_method
 
             for name in v:
                 get_method(name)  # an unknown name lists the known ones
@@ -353,7 +360,7 @@ class Sweep(Strict):
         memory_limit: str | None = Field(None, description="Memory limit per local Dask worker, e.g. '8GiB'")
 
         @model_validator(mode="after")
-        def _address(self) -> "Sweep.Runner":
+        def _address(self) -> Sweep.Runner:
             if self.address is not None and self.kind != "dask":
                 raise ValueError("address is a Dask scheduler address; set kind: dask")
             return self
@@ -361,11 +368,11 @@ class Sweep(Strict):
     grid: list[Grid] = Field([], description="Blocks of the grid; their recipes join the profile's `recipes`")
     runner: Runner = Field(Runner(), description="Task runner the variants are fanned out on")
 
-    def expand(self) -> tuple[list["Recipe"], list[str]]:
+    def expand(self) -> tuple[list[Recipe], list[str]]:
         """Recipes of the grid, and one line per combination a method cannot do (skipped, reported)."""
         from itertools import product
 
-        from tasks.quantize import get_method
+        from quantmill.methods import get_method
 
         recipes: dict[str, Recipe] = {}
         skipped: list[str] = []
@@ -421,7 +428,7 @@ class Profile(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device of the run (auto: CUDA if present)")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Profile":
+    def _unique_names(self) -> Profile:
         if not self.recipes and not (self.sweep and self.sweep.grid):
             raise ValueError("recipes: give at least one recipe (or a sweep.grid)")
         names = [r.name for r in self.recipes]

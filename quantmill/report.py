@@ -54,7 +54,7 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return cols + list(TAIL_COLUMNS)
 
 
-def build_report(  # noqa: PLR0913
+def build_report(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", run_id: str = "", device: str = "",
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from quantmill.hashing import hash_tree
 from quantmill.mlmodel import serving_digest
 
 REF = re.compile(r"^(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))?$")
-SHA_TAG = "quantmill.checkpoint_sha256"
+SHA_TAG = tracking.SHA_TAG
 LAYOUT_TAG = "quantmill.layout"
 
 
@@ -111,7 +111,7 @@ def generate(model: str, text: str, max_new_tokens: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.quantize.gguf_export import loader_kwargs  # a GGUF export loads through transformers' GGUF loader
+    from quantmill.methods.gguf import loader_kwargs  # a GGUF export loads through transformers' GGUF loader
 
     path = local_or_pulled(model)
     t0 = time.perf_counter()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -135,25 +133,3 @@ def private_scratch() -> Path:
     return mine
 
 
-_guarded: set[int] = set()
-
-
-def guard_prefect_server() -> int | None:
-    """Start Prefect's temporary server now (no PREFECT_API_URL) with a watchdog that stops it when this process
-    dies, however it dies; returns the watchdog's pid (None with a configured server)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-
-    if not get_current_settings().server.ephemeral.enabled:
-        return None
-    server = SubprocessASGIServer()
-    server.start()
-    proc = server.server_process
-    if proc is None or proc.pid in _guarded:
-        return None
-    _guarded.add(proc.pid)
-    dog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(proc.pid)],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return dog.pid

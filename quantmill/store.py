@@ -13,9 +13,10 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from quantmill.hashing import manifest_digest, manifest_of, stable_hash
 

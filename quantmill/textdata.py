@@ -12,8 +12,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -109,12 +110,12 @@ def renderer(source: TextSource, tokenizer, field: str):  # noqa: ANN001, ANN201
     return render
 
 
-def encode(tokenizer, text: str, special: bool) -> list[int]:  # noqa: ANN001
+def encode(tokenizer, text: str, special: bool) -> list[int]:  # noqa: ANN001 - a transformers tokenizer (imported lazily)
     """Token ids of `text` (`special`: with the tokenizer's own BOS/EOS additions, as `tokenizer(text)` does)."""
     return tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
 
 
-def token_stream(source: TextSource, field: str, tokenizer, max_tokens: int | None = None,  # noqa: ANN001
+def token_stream(source: TextSource, field: str, tokenizer, max_tokens: int | None = None,  # noqa: ANN001 - a transformers tokenizer (imported lazily)
                  seed: int | None = None) -> torch.Tensor:
     """One 1-D token stream prepared as the source says (joined + tokenized once, or EOS-packed), cut to max_tokens.
 
@@ -140,7 +141,7 @@ def token_stream(source: TextSource, field: str, tokenizer, max_tokens: int | No
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
 
-def _enough(rows: Iterator[str], tokenizer, max_tokens: int) -> list[str]:  # noqa: ANN001
+def _enough(rows: Iterator[str], tokenizer, max_tokens: int) -> list[str]:  # noqa: ANN001 - a transformers tokenizer (imported lazily)
     """Rows from the start of `rows` until they hold more than `max_tokens` tokens (plus one row of margin)."""
     out, count = [], 0
     for row in rows:
@@ -164,7 +165,7 @@ def draw_windows(stream: torch.Tensor, num: int, seq_len: int, seed: int) -> tor
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def draw_samples(source: TextSource, field: str, tokenizer, num: int, seq_len: int,  # noqa: ANN001
+def draw_samples(source: TextSource, field: str, tokenizer, num: int, seq_len: int,  # noqa: ANN001 - a transformers tokenizer (imported lazily)
                  seed: int) -> dict[str, torch.Tensor]:
     """`num` rows (shuffled with `seed`), each tokenized and truncated to `seq_len`: right-padded ids + attention mask."""
     render = renderer(source, tokenizer, field)

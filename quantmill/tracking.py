@@ -10,6 +10,11 @@ from typing import Any
 
 from quantmill import state
 from quantmill.errors import QuantmillError
+from quantmill.metrics import ppl_delta_pct
+
+# Registry tag holding the serving digest of a version's checkpoint (layout 2: serving_digest; older versions:
+# hash of the whole folder); written by the register step, read by serving.
+SHA_TAG = "quantmill.checkpoint_sha256"
 
 SECRET_HINTS = ("token", "secret", "password", "api_key")
 
@@ -116,7 +121,7 @@ def variant_metrics(ckpt: Any, result: Any, baseline: Any) -> dict[str, float]:
     """One variant's numbers against the baseline: evaluation metrics plus delta, size and compression."""
     m, b = result.metrics, baseline.metrics
     out = {k: float(v) for k, v in m.items() if k != "nll"}
-    out.update(ppl_delta_pct=100.0 * (m["perplexity"] / b["perplexity"] - 1.0), size_bytes=float(ckpt.size_bytes),
+    out.update(ppl_delta_pct=ppl_delta_pct(m["perplexity"], b["perplexity"]), size_bytes=float(ckpt.size_bytes),
                compression=float(b.get("size_bytes", 0.0)) / max(ckpt.size_bytes, 1))
     return out
 
@@ -138,7 +143,7 @@ def variant_run(client: Any, parent: str, variant: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: ANN001
+def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
     """A finished child run under the pipeline's parent run."""
     from mlflow.entities import Metric, Param, RunTag
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from prefect import task
 
-from quantmill.caching import StepCache
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore, canonical_safetensors
+from quantmill.tasks._cache import StepCache
 from quantmill.textdata import draw_samples, draw_windows, token_stream
 
 CODE_VERSION = "2"  # 2: .txt read as one document, rows joined with "\n\n" by default

@@ -22,21 +22,23 @@ from typing import Any
 import torch
 from prefect import task
 
-from quantmill.caching import StepCache
 from quantmill.console import progress
+from quantmill.devices import device_name
 from quantmill.errors import QuantmillError, retry_on_transient
+from quantmill.methods import build_config
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Evaluation, Gates
-from quantmill.concurrency import holding_gpu
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
+from quantmill.scoring import LOGITS_BUDGET, topk_kl
 from quantmill.store import ArtifactStore, canonical_safetensors
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
 from quantmill.textdata import token_stream
-from tasks.quantize import build_config
 
 CODE_VERSION = "3"  # 3: .txt read as one document, rows joined with "\n\n" by default
 WINDOW_CAP = 1024
 TOKENS_FILE = "eval_windows.safetensors"
 REFERENCE_FILE = "reference.safetensors"
-LOGITS_BUDGET = 2**27  # fp32 logits elements per forward batch (512 MiB)
 log = logging.getLogger("quantmill.evaluate")
 
 
@@ -132,28 +134,18 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
     # workers: "Global grad_mode state changed while dynamo tracing") must fall back to eager, not fail the step.
     torch._dynamo.config.suppress_errors = True
 
-    from tasks.quantize.gguf_export import loader_kwargs  # a GGUF export: transformers' GGUF loader (dequantizes)
+    from quantmill.methods.gguf import (
+        loader_kwargs,  # a GGUF export: transformers' GGUF loader (dequantizes)
+    )
 
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device if device == "cuda" else None,
                                                  **loader_kwargs(path))
     return model.eval()
 
 
-def topk_kl(ref_lp: torch.Tensor, ref_ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(ref || model) over ref's top-k tokens plus one bucket for the rest of the vocabulary."""
-    q = lp.gather(1, ref_ids)
-    p = ref_lp.exp()
-    kl = (p * (ref_lp - q)).sum(-1)
-    if ref_ids.shape[1] < lp.shape[1]:
-        p_rest = (1.0 - p.sum(-1)).clamp_min(0.0)
-        q_rest = (1.0 - q.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), 0.0)
-    return kl.clamp_min(0.0)
-
-
 @torch.no_grad()
 def score_windows(  # noqa: PLR0913 - one pass computes everything that needs logits
-    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001
+    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     reference: dict[str, torch.Tensor] | None = None, topk: int = 0,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Token-weighted perplexity (+ KL/top-1 agreement against `reference`, + this model's top-k log-probs)."""
@@ -206,7 +198,7 @@ def percentile(values: list[float], q: float) -> float:
 
 @torch.no_grad()
 def generation_speed(
-    model, windows: torch.Tensor, spec: Evaluation.Speed, device: str,  # noqa: ANN001
+    model, windows: torch.Tensor, spec: Evaluation.Speed, device: str,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
 ) -> dict[str, float]:
     """Greedy decoding after warm-up: TTFT and per-token latency (smallest batch), tokens/s per batch size."""
     from transformers import LogitsProcessorList
@@ -262,7 +254,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.proc.memory_info().rss)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -311,7 +303,7 @@ def read_examples(spec: Evaluation.Accuracy) -> list[tuple[str, list[str], int]]
     return examples
 
 
-def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:  # noqa: ANN001
+def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     """Token ids of the context and of ' choice' following it."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole = tokenizer(f"{context} {choice}", add_special_tokens=False)["input_ids"]
@@ -325,7 +317,7 @@ def continuation(tokenizer, context: str, choice: str) -> tuple[list[int], list[
 
 @torch.no_grad()
 def choice_accuracy(
-    model, tokenizer, spec: Evaluation.Accuracy, device: str, batch_size: int = 16,  # noqa: ANN001
+    model, tokenizer, spec: Evaluation.Accuracy, device: str, batch_size: int = 16,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
 ) -> dict[str, float]:
     """Accuracy of picking the choice with the highest log-likelihood given the question."""
     examples = read_examples(spec)
@@ -347,7 +339,7 @@ def choice_accuracy(
     return {"accuracy": correct / len(examples), "accuracy_examples": float(len(examples))}
 
 
-def lm_eval_scores(model, tokenizer, spec: Evaluation.LmEval, batch_size: int) -> dict[str, float]:  # noqa: ANN001
+def lm_eval_scores(model, tokenizer, spec: Evaluation.LmEval, batch_size: int) -> dict[str, float]:  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     """lm-evaluation-harness metrics, or {} with a logged reason when the package or task data is unavailable."""
     try:
         import lm_eval
@@ -375,13 +367,6 @@ def size_on_disk(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != ".manifest.json")
 
 
-def device_name(device: str) -> str:
-    """Human name of the device timings were taken on."""
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu, {torch.get_num_threads()} thread(s)"
-
-
 def settings(spec: Evaluation | None) -> dict[str, Any]:
     """What shapes the measurements (not the gates): top-k, batch size, speed, accuracy, lm_eval."""
     names = ("kl_topk", "batch_size", "speed", "accuracy", "lm_eval")
@@ -404,7 +389,7 @@ def baseline_reference(baseline: EvalRef, data: EvalDataRef, store_root: str) ->
     return load_file(str(path))
 
 
-def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,
+def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
           reference: dict[str, torch.Tensor] | None, out: Path) -> dict:
     """Measure one model and save its metrics (and, for a baseline, its reference log-probs)."""
     from safetensors.torch import save_file
@@ -422,7 +407,7 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         if cfg["speed"] is not None and cfg["speed"].enabled:
             metrics.update(generation_speed(model, windows, cfg["speed"], device))
         if cfg["accuracy"] is not None or cfg["lm_eval"] is not None:
-            from tasks.quantize.gguf_export import loader_kwargs
+            from quantmill.methods.gguf import loader_kwargs
 
             tokenizer = AutoTokenizer.from_pretrained(target, **loader_kwargs(target))
             if cfg["accuracy"] is not None:
@@ -470,7 +455,7 @@ def evaluate(
 
 def derived(m: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     """Metrics relative to the baseline: perplexity change, compression, accuracy drop."""
-    out = {"ppl_delta_pct": 100.0 * (m["perplexity"] / b["perplexity"] - 1.0)}
+    out = {"ppl_delta_pct": ppl_delta_pct(m["perplexity"], b["perplexity"])}
     if m.get("size_bytes") and b.get("size_bytes"):
         out["compression"] = b["size_bytes"] / m["size_bytes"]
     if "accuracy" in m and "accuracy" in b:

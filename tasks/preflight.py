@@ -18,11 +18,11 @@ from prefect import task
 
 from quantmill import plan, state
 from quantmill.errors import PreflightError, QuantmillError
-from quantmill.integrity import check_folder_safetensors, tokenizer_problem
+from quantmill.inputs import local_input_problems
+from quantmill.methods.checks import check_recipe
 from quantmill.profile import Calibration, Evaluation, Profile, Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
-from tasks.quantize.step import check_recipe
 
 
 def free_bytes(path: Path) -> int:
@@ -33,7 +33,7 @@ def free_bytes(path: Path) -> int:
 
 
 @task(name="preflight")
-def preflight(
+def preflight(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None, *,
     calibration: Calibration, evaluation: Evaluation,
 ) -> dict[str, str]:
@@ -64,49 +64,6 @@ def preflight(
         )
     plan.refuse_unfit(rows, psutil.virtual_memory().available)
     return skipped
-
-
-def _problem(check, *args) -> str | None:  # noqa: ANN001 - a check that raises QuantmillError
-    try:
-        check(*args)
-    except QuantmillError as exc:
-        return str(exc)
-    return None
-
-
-def model_folder_problems(path: Path, source) -> list[str]:  # noqa: ANN001 - profile Source
-    """A local model folder: exists, config.json, weights whose sizes match their headers, tokenizer files."""
-    from quantmill.models import check_model_dir
-
-    problem = _problem(check_model_dir, path, "model.path", source.allow_pickle, source.trust_remote_code)
-    if problem is None and (tok := tokenizer_problem(path)):
-        problem = f"model.path: {path} has {tok}; copy the tokenizer files next to config.json"
-    problem = problem or _problem(check_folder_safetensors, path, "model.path")
-    return [problem] if problem else []
-
-
-def adapter_folder_problems(path: Path) -> list[str]:
-    """A local adapter folder: exists, a LoRA adapter_config.json with a positive rank, an intact safetensors file."""
-    from tasks.merge import check_adapter
-
-    if not path.is_dir():
-        return [f"adapter.path: {path} does not exist or is not a folder; fix the path"]
-    problem = _problem(check_adapter, path) or _problem(check_folder_safetensors, path, "adapter.path")
-    return [problem] if problem else []
-
-
-def local_input_problems(profile: Profile) -> list[str]:
-    """Every local input checked without loading anything (one line each): model, adapter, text files."""
-    problems: list[str] = []
-    if profile.model.path is not None:
-        problems += model_folder_problems(Path(profile.model.path), profile.model)
-    if profile.adapter is not None and profile.adapter.path is not None:
-        problems += adapter_folder_problems(Path(profile.adapter.path))
-    texts = [("calibration.source", profile.calibration.source), ("evaluation.source", profile.evaluation.source)]
-    for field, source in texts:
-        if source.path is not None and not Path(source.path).is_file():
-            problems.append(f"{field}.path: {source.path} does not exist; fix the path")
-    return problems
 
 
 def check_writable(path: Path, field: str) -> None:

@@ -7,30 +7,32 @@ import fcntl
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import task
 from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
-from quantmill.caching import StepCache
 from quantmill.errors import retry_on_transient
+from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Registry
 from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.tasks._cache import StepCache
 
 CODE_VERSION = "2"
-SHA_TAG = "quantmill.checkpoint_sha256"  # layout 2: serving_digest; older versions: hash of the whole folder
+SHA_TAG = tracking.SHA_TAG
 LAYOUT_TAG = "quantmill.layout"
 
 
-def version_tags(
+def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None,
     digest: str,
 ) -> dict[str, str]:
     """Tags every registered version carries (what, from where, how good): JSON or plain strings."""
     cfg = ckpt.config
-    delta = 100.0 * (result.metrics["perplexity"] / baseline.metrics["perplexity"] - 1.0)
+    delta = ppl_delta_pct(result.metrics["perplexity"], baseline.metrics["perplexity"])
     return {
         SHA_TAG: digest,
         "checkpoint_store_sha256": ckpt.sha256,  # the store's artifact (cache controls keep what versions need)
@@ -133,7 +135,7 @@ def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
     cache_policy=REGISTER_CACHE,
     persist_result=True,
 )
-def register(
+def register(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     ckpt: CheckpointRef, result: EvalRef, verdict: Verdict, baseline: EvalRef, base: ModelRef,
     model: ModelRef, calib: CalibRef | None, registry: Registry, run_id: str,
 ) -> str | None:
@@ -160,10 +162,10 @@ def register(
     return str(mv.version)
 
 
-def _create_version(  # noqa: PLR0913
-    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001
+def _create_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001 - an MlflowClient (mlflow imported lazily)
     model: ModelRef, calib: CalibRef | None, run_id: str, digest: str,
-):  # noqa: ANN202 - mlflow ModelVersion
+) -> Any:
     """Variant child run -> logged model (metrics, params, MLflow model files) -> model version."""
     tags = version_tags(ckpt, result, baseline, base, model, calib, digest)
     card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)

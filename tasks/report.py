@@ -14,7 +14,14 @@ from prefect import task
 from quantmill import tracking
 from quantmill.errors import retry_on_transient
 from quantmill.report import (
-    REPORT_DIR, REPORT_JSON, REPORT_MD, REPORT_PNG, build_report, markdown, plot_ppl_vs_size, table_records,
+    REPORT_DIR,
+    REPORT_JSON,
+    REPORT_MD,
+    REPORT_PNG,
+    build_report,
+    markdown,
+    plot_ppl_vs_size,
+    table_records,
 )
 
 log = logging.getLogger("quantmill.report")
@@ -48,12 +55,12 @@ def post_to_prefect(report: dict[str, Any]) -> str:
 
 
 @task(name="publish-report", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def publish_report(
+def publish_report(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
     run_id: str, rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", device: str = "",
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the comparison report and publish it to the MLflow run and as a Prefect table artifact."""
-    from tasks.evaluate import device_name
+    from quantmill.devices import device_name
 
     report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes,
                           evaluation=evaluation)

@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +222,7 @@ def dataset_input(name: str, source: str, digest: str, context: str):  # noqa: A
 
 
 @task(name="log-lineage", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[dict[str, Any]]) -> None:  # noqa: ANN001
+def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[dict[str, Any]]) -> None:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
     """Child runs per step and per variant, content hashes, dataset inputs, Prefect cross-links."""
     from prefect.artifacts import create_link_artifact
 

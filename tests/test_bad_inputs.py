@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
 from quantmill import state
 from quantmill.demo import DemoSpec, build_demo_assets
+from quantmill.flows.cli import main
 from tests.conftest import model_cache
 
 TINY = DemoSpec(steps=4, lora_steps=2, batch_size=4)
@@ -189,7 +189,7 @@ def test_mlflow_server_unreachable(tmp_path, profile, capsys, monkeypatch):
 
 
 def test_disk_too_small(tmp_path, profile, capsys, monkeypatch):
-    monkeypatch.setattr("tasks.preflight.free_bytes", lambda path: 1000)
+    monkeypatch.setattr("quantmill.tasks.preflight.free_bytes", lambda path: 1000)
     fails(tmp_path, profile, capsys, "storage.root", "bytes free", "needs about")
 
 
@@ -373,7 +373,7 @@ def fails_on_mount(tmp_path: Path, profile: dict, mount: str, *expected: str) ->
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
     script = f'M="$0"; {mount} && exec "$@"'
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mnt), sys.executable, "-m", "flows.cli", "run",
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mnt), sys.executable, "-m", "quantmill.flows.cli", "run",
                            str(path)], cwd=REPO, env=subprocess_env(home), capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]  # the server's goodbye may follow
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]

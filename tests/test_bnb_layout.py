@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.quantize.bnb import BnbNF4Config, is_cpu_repacked, linear_4bit, quantize_bnb, save_bnb
-from tasks.quantize.registry import QuantizeJob
+from quantmill.methods.registry import QuantizeJob
+from quantmill.tasks.quantize.bnb import BnbNF4Config, is_cpu_repacked, linear_4bit, quantize_bnb, save_bnb
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])
@@ -26,11 +26,11 @@ def nf4(double_quant: bool) -> BnbNF4Config:
     return BnbNF4Config(double_quant=double_quant)
 
 
-def job(model_dir, out) -> QuantizeJob:  # noqa: ANN001
+def job(model_dir, out) -> QuantizeJob:
     return QuantizeJob(model_dir, out, None, "cpu", progress=lambda _msg: None)
 
 
-def cpu_path_repacks(model_dir) -> bool:  # noqa: ANN001
+def cpu_path_repacks(model_dir) -> bool:
     """Does a forward pass repack 4-bit layers on this CPU? (A plain transformers NF4 load, run once.)"""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -52,13 +52,13 @@ def setup(tmp_path_factory, demo_assets):
 
 
 def cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=subprocess_env(home),
+    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=cwd, env=subprocess_env(home),
                           capture_output=True, text=True, timeout=1200)
 
 
 def cache(home: Path, monkeypatch, capsys, *args: str) -> str:
     """`quantmill cache ...` on this module's state folder (in-process: these commands start no run)."""
-    from flows.cli import main
+    from quantmill.flows.cli import main
 
     monkeypatch.setenv("QUANTMILL_HOME", str(home))
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect" / "results"))
@@ -169,7 +169,7 @@ def test_refresh_calibrate_recomputes_calibrated_chains_only(setup, capsys):
     assert sorted(step(k) for k in changed) == ["calibrate", "evaluate", "quantize"], changed
     assert variant_key(home, "gptq-w4g64") in changed
     assert re.search(r"calibrate\s+done", out.stdout) and re.search(r"merge\s+cached", out.stdout), out.stdout
-    from flows.cli import main
+    from quantmill.flows.cli import main
 
     capsys.readouterr()
     assert main(["run", str(profile), "--refresh", "calibration"]) == 2

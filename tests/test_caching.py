@@ -6,10 +6,11 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from quantmill.caching import StepCache, fingerprint, step_key
+from quantmill.caching import fingerprint, step_key
 from quantmill.profile import TextSource
 from quantmill.refs import ModelRef
 from quantmill.store import ArtifactStore
+from quantmill.tasks._cache import StepCache
 
 CACHE = StepCache(step="toy", code_version="1")
 BUILDS: list[int] = []

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from quantmill.errors import QuantmillError
 from quantmill.profile import Calibration, ProfileError, parse_profile
 from quantmill.refs import ModelRef
-from tasks.calibrate import CALIBRATE_CACHE, calibrate
+from quantmill.tasks.calibrate import CALIBRATE_CACHE, calibrate
 
 # A ChatML template (as Qwen's), written here so the test knows which tokens every rendered conversation starts with.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -25,7 +25,7 @@ def model_ref(path: Path) -> ModelRef:
     return ModelRef(path=str(path), sha256=f"sha-{path.name}", source="demo", summary={"max_position_embeddings": 512})
 
 
-def paragraphs(demo_assets, n: int) -> list[str]:  # noqa: ANN001
+def paragraphs(demo_assets, n: int) -> list[str]:
     """The first `n` non-empty paragraphs of the demo's calibration text (varied lengths)."""
     return [p.strip() for p in demo_assets.calib_path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:n]
 
@@ -89,7 +89,7 @@ def documents(demo_assets, tmp_path_factory) -> Path:
 def test_samples_mode_rows_masks_and_gptq_runs_on_them(demo_assets, documents, tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     spec = Calibration(source={"path": str(documents)}, mode="samples", num_samples=12, seq_len=48, seed=3)
     ref = calibrate.fn(model_ref(demo_assets.model_dir), spec, str(tmp_path / "store"))
@@ -155,7 +155,7 @@ def test_sensitivity_ignores_the_padding_of_samples(demo_assets, tmp_path):
     """Mixed precision measures on calibration rows: a padded sample scores like the same tokens unpadded."""
     from safetensors.torch import save_file
 
-    from tasks.quantize.sensitivity import measure_sensitivity
+    from quantmill.tasks.quantize.sensitivity import measure_sensitivity
 
     row = torch.arange(5, 25, dtype=torch.long)
     padded = torch.cat([row, torch.full((12,), 7, dtype=torch.long)])[None]

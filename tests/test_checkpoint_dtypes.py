@@ -16,10 +16,10 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-import torch  # noqa: E402
+import torch
 
-import tasks.quantize  # noqa: E402,F401  (registers every method)
-from tasks.quantize.registry import QuantizeJob, build_config, get_method, known_methods  # noqa: E402
+import quantmill.tasks.quantize  # noqa: F401  (registers every method)
+from quantmill.methods.registry import QuantizeJob, build_config, get_method, known_methods
 
 PARAMS = {"rtn": {"bits": 4, "group_size": 32}, "gptq": {"bits": 4, "group_size": 32}, "awq": {"group_size": 32},
           "autoround": {"bits": 4, "group_size": 32}}

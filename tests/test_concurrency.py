@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from quantmill.concurrency import GPU_LIMIT, gpu_slot, holding_gpu
+from quantmill.tasks._gpu import GPU_LIMIT, gpu_slot, holding_gpu
 
 
 @task

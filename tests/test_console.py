@@ -27,7 +27,8 @@ def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
     """C-level writes, print, warnings and foreign loggers reach the log; `say` reaches the terminal."""
     script = textwrap.dedent("""
         import logging, os, sys, warnings
-        from quantmill.console import run_console, say
+        from quantmill.console import say
+        from quantmill.flows.console import run_console
         with run_console() as log:
             os.write(1, b"c-level stdout\\n")
             os.write(2, b"c-level stderr\\n")
@@ -56,7 +57,7 @@ def demo_run(tmp_path_factory):
     """`quantmill demo` (+ a GPTQ recipe) from an empty directory, with the state folder elsewhere."""
     home, cwd = tmp_path_factory.mktemp("console-home"), tmp_path_factory.mktemp("console-cwd")
     env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--set", DEMO_RECIPES], cwd=cwd, env=env,
+    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", "--set", DEMO_RECIPES], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
     return home, cwd, env, out
 
@@ -90,7 +91,7 @@ def test_demo_run_leaves_the_working_directory_empty(demo_run):
 @pytest.mark.slow
 def test_verbose_shows_third_party_lines_live(demo_run):
     home, cwd, env, _ = demo_run
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "demo", "-v", "--set", DEMO_RECIPES], cwd=cwd, env=env,
+    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", "-v", "--set", DEMO_RECIPES], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Finished in state Cached" in out.stdout + out.stderr  # Prefect's own lines, live

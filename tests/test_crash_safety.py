@@ -38,7 +38,7 @@ def write_profile(tmp_path: Path, assets, name: str) -> Path:
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
     """`quantmill ARGS` in its own session; runs watched for library log lines pass -v (shown live, not only in the debug log)."""
     env = subprocess_env(home)
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=REPO, env=env, text=True,
                             start_new_session=True, **kw)
 
 

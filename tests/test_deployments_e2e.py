@@ -141,7 +141,7 @@ def undescribed(schema: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, prefect_api):
-    from tasks.quantize import known_methods
+    from quantmill.tasks.quantize import known_methods
 
     deployer_home = tmp_path / "deployer-home"  # QUANTMILL_HOME where `prefect deploy` runs
     home = tmp_path / "worker-home"  # QUANTMILL_HOME of the worker and of the flow runs it starts
@@ -273,7 +273,7 @@ def chromium(browser: str, url: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_custom_run_form_in_headless_chromium(tmp_path):
     """The Custom run page of a real server (default UI): the method control and the chosen method's fields."""
-    from tasks.quantize import known_methods
+    from quantmill.tasks.quantize import known_methods
 
     browser = find_chromium()
     if browser is None:
@@ -294,7 +294,9 @@ def test_custom_run_form_in_headless_chromium(tmp_path):
     assert [label for selected, label in methods if selected == "true"] == [known_methods()[0]]
     text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
     labels = re.findall(r"<label[^>]*>([^<]*)</label>", dom)
-    # ...and shows that method's own fields, labelled and described.
-    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Zero Point (Optional)", "Backend (Optional)",
+    # ...and shows that method's own fields, labelled and described (the first method: autoround), no other's.
+    assert known_methods()[0] == "autoround"
+    assert {"Method", "Bits (Optional)", "Group Size (Optional)", "Sym (Optional)", "Iters (Optional)",
             "Recipes", "Storage (Optional)"} <= set(labels), labels
-    assert "Bits (Optional) Bits per weight (AWQ is 4-bit)" in text and "desc_act" not in text, str(shot)
+    assert "Zero Point (Optional)" not in labels and "Backend (Optional)" not in labels, labels
+    assert "Iters (Optional) Sign-gradient tuning steps per block" in text and "desc_act" not in text, str(shot)

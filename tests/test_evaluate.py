@@ -17,7 +17,7 @@ import torch
 from quantmill.errors import ProfileError, QuantmillError
 from quantmill.profile import Evaluation, Gates, parse_profile
 from quantmill.refs import CheckpointRef, ModelRef
-from tasks.evaluate import (
+from quantmill.tasks.evaluate import (
     EVALUATE_CACHE,
     choice_accuracy,
     eval_data,
@@ -28,7 +28,7 @@ from tasks.evaluate import (
     load_windows,
     topk_kl,
 )
-from tasks.quantize import build_config
+from quantmill.tasks.quantize import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
@@ -110,7 +110,7 @@ def gptq_repo_perplexity(model_dir: Path, ids: torch.Tensor, seqlen: int) -> flo
     return math.exp(float(torch.stack(nlls).sum() / (nsamples * seqlen)))
 
 
-def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, max_tokens: int):  # noqa: ANN201
+def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, max_tokens: int):
     """quantmill's eval-data and baseline evaluation of `model_dir` on `source` (speed off)."""
     model = ModelRef(path=str(model_dir), sha256="demo", source="demo", summary={"max_position_embeddings": 512})
     spec = Evaluation(source=source, max_tokens=max_tokens, window=window, speed=None)
@@ -349,10 +349,10 @@ def test_profile_validation_of_evaluation_fields(demo_assets):
 
 
 def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants, tmp_path, capsys):
-    from flows.pipeline import summary_row
     from quantmill import tracking
+    from quantmill.flows.pipeline import summary_row
     from quantmill.report import REPORT_JSON, markdown
-    from tasks.report import publish_report
+    from quantmill.tasks.report import publish_report
 
     rows = [summary_row(ckpt, res, setup["baseline"], verdict, None) for ckpt, res, verdict in variants.values()]
     client = tracking.client()
@@ -373,14 +373,14 @@ def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants,
     assert client.get_run(run_id).data.tags["quantmill.gate.heavy-noise"].startswith("FAIL: perplexity")
 
     env = {**os.environ, "QUANTMILL_HOME": os.environ["QUANTMILL_HOME"]}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "report", run_id], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "report", run_id], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in saved["rows"]:
         assert row["variant"] in proc.stdout and f"{row['perplexity']:.3f}" in proc.stdout
     assert "FAIL heavy-noise: perplexity" in proc.stdout and "KL" in proc.stdout and "tok/s b8" in proc.stdout
 
-    from flows.cli import main
+    from quantmill.flows.cli import main
 
     capsys.readouterr()
     assert main(["report", run_id, "--format", "markdown"]) == 0

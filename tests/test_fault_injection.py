@@ -13,8 +13,8 @@ import mlflow
 import pytest
 import yaml
 
-from flows.cli import main
 from quantmill import state
+from quantmill.flows.cli import main
 from quantmill.hashing import sha256_file
 from tests.conftest import model_cache
 

@@ -57,7 +57,7 @@ def test_merge_read_names_a_file_that_ends_early(tmp_path, tiny, strategy):
     import shutil
 
     from quantmill.profile import Merge
-    from tasks.merge import merge_lora
+    from quantmill.tasks.merge import merge_lora
 
     base = tmp_path / "base"
     shutil.copytree(tiny.model_dir, base)
@@ -145,7 +145,7 @@ def test_dead_run_is_closed_by_the_next(tmp_path):
     from prefect.states import Running
 
     from quantmill import tracking
-    from tasks import track
+    from quantmill.tasks import track
 
     @flow(name="victim")
     def victim() -> None:
@@ -176,9 +176,8 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     from safetensors.torch import save_file
 
     from quantmill import state
-    from tasks.quantize.registry import build_config
-    from tasks.quantize.registry import QuantizeJob
-    from tasks.quantize.gptq import quantize_gptq
+    from quantmill.methods.registry import QuantizeJob, build_config
+    from quantmill.tasks.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
@@ -192,7 +191,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
 
     original = gptq_config._create_temp_offload_dir
 
-    def spy():  # noqa: ANN202 - records where GPTQModel puts its offload folder
+    def spy():
         folder = original()
         offload.append(folder.name)
         return folder

@@ -14,7 +14,7 @@ from benchmarks.merge import run_child, synthetic_adapter, synthetic_model
 from quantmill.errors import QuantmillError
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
-from tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
+from quantmill.tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
 
 STRATEGIES = ("cpu", "streaming")
 
@@ -36,7 +36,7 @@ def peft_merged(base: Path, adapter: Path, dtype: torch.dtype) -> dict[str, torc
     return {k: v.detach().clone() for k, v in PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict().items()}
 
 
-def train_adapter(base: Path, out: Path, lora, quantized: bool = False, steps: int = 3, before_training=None):  # noqa: ANN001, ANN201
+def train_adapter(base: Path, out: Path, lora, quantized: bool = False, steps: int = 3, before_training=None):
     """Train a LoRA for a few AdamW steps (non-zero B) on a float32 or bitsandbytes-4bit base; return the peft model.
 
     `before_training(model)` is called on the peft model before its first forward pass.
@@ -130,7 +130,7 @@ def test_rslora_multishard_half_precision_equals_peft(sharded, rs_adapter, tmp_p
         assert {"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"} <= changed
 
 
-def lora_targets(model) -> dict[str, torch.nn.Module]:  # noqa: ANN001
+def lora_targets(model) -> dict[str, torch.nn.Module]:
     """The LoRA layers of a peft model (`.base_layer` is the bnb 4-bit one), by their base weight's name."""
     return {name.removeprefix("base_model.model.") + ".weight": module
             for name, module in model.named_modules() if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")}
@@ -157,7 +157,7 @@ def qlora(demo_assets, tmp_path_factory):
     seen: dict[str, torch.Tensor] = {}
     repacked_by_forward: set[str] = set()
 
-    def capture(model) -> None:  # noqa: ANN001
+    def capture(model) -> None:
         for key, layer in lora_targets(model).items():
             w = layer.base_layer.weight
             assert not getattr(w.quant_state, "packing_format_for_cpu", False), key  # the plain (saved) layout

@@ -11,18 +11,22 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-import torch  # noqa: E402
+import torch
 
-import tasks.quantize  # noqa: E402,F401  (registers every method)
-from quantmill.errors import QuantmillError  # noqa: E402
-from quantmill.profile import Recipe  # noqa: E402
-from quantmill.refs import CalibRef, ModelRef  # noqa: E402
-from tasks.quantize import sensitivity as sensitivity_module  # noqa: E402
-from tasks.quantize.mixed import budget_bytes, choose_kept  # noqa: E402
-from tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
-from tasks.quantize.step import check_recipe, run_method  # noqa: E402
-from tests.test_quantize_gptq_family import (  # noqa: E402
-    load_reference, max_logit_error, reload_in_fresh_process, score, token_data,
+import quantmill.tasks.quantize  # noqa: F401  (registers every method)
+from quantmill.errors import QuantmillError
+from quantmill.methods.mixed import budget_bytes, choose_kept
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
+from quantmill.profile import Recipe
+from quantmill.refs import CalibRef, ModelRef
+from quantmill.tasks.quantize import sensitivity as sensitivity_module
+from quantmill.tasks.quantize.step import check_recipe, run_method
+from tests.test_quantize_gptq_family import (
+    load_reference,
+    max_logit_error,
+    reload_in_fresh_process,
+    score,
+    token_data,
 )
 
 BITS = {"bits": 2, "group_size": 32}  # 2-bit: RTN's loss is far above noise, so keeping layers visibly helps
@@ -145,7 +149,7 @@ def test_sensitivity_is_measured_once_and_recorded(mixed):
 
 @pytest.mark.slow
 def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
-    from tasks.quantize.common import model_info
+    from quantmill.tasks.quantize.common import model_info
 
     info, sens = model_info(mixed.assets.model_dir), mixed.sensitivity
     shape = {n: (info.linear_in_features[n], info.linear_out_features[n]) for n in sens}
@@ -163,7 +167,7 @@ def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
 
 @pytest.mark.slow
 def test_keeping_sensitive_layers_beats_plain_rtn_and_the_control(mixed):
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     windows = mixed.data.windows[:EVAL_WINDOWS]
     fp = load_fp_model(mixed.assets.model_dir, "cpu", torch.float32)

@@ -15,7 +15,7 @@ from quantmill import state, tracking
 from quantmill.mlmodel import local_path, serving_digest
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
-from tasks.register import LAYOUT_TAG, SHA_TAG, promote, register
+from quantmill.tasks.register import LAYOUT_TAG, SHA_TAG, promote, register
 from tests.conftest import demo_llama
 from tests.test_registry import checkpoint_ref
 
@@ -146,7 +146,7 @@ def test_version_from_previous_layout_is_recognised(tmp_path):
 
 
 def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, tmp_path, monkeypatch, capsys):
-    from flows.cli import main
+    from quantmill.flows.cli import main
 
     name = registered["reg"].model_name
     mv = registered["client"].get_model_version_by_alias(name, "champion")
@@ -166,7 +166,7 @@ def test_generate_keeps_a_verified_pulled_copy_in_the_state_folder(registered, t
 
 
 def test_gguf_version_is_a_pyfunc_model_without_the_transformers_flavor(tmp_path):
-    from tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     src, out = demo_llama().model_dir, tmp_path / "store" / "gguf-q8-0"
     out.mkdir(parents=True)

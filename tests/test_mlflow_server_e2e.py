@@ -90,7 +90,7 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
     pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
 
 
-def write_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: list[dict]) -> Path:  # noqa: ANN001
+def write_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: list[dict]) -> Path:
     profile = {
         "name": "server-e2e",
         "model": {"path": str(demo_assets.model_dir)},
@@ -108,7 +108,7 @@ def write_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: 
 
 def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedProcess:
     env = subprocess_env(root / "home", MLFLOW_TRACKING_URI=uri)
-    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(profile)], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(profile)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run
@@ -224,7 +224,7 @@ def test_versions_are_linked_comparable_and_clean(served):
         assert metrics == run.data.metrics and metrics["perplexity"] == pytest.approx(float(mv.tags["perplexity"]), rel=1e-5)
         assert {"ppl_delta_pct", "kl_mean", "top1_agreement", "size_bytes", "compression", "peak_rss_bytes"} <= set(metrics)
         assert json.loads(logged.params["method_config"]) == json.loads(mv.tags["method_config"])
-        for key, value in mv.tags.items():
+        for value in mv.tags.values():
             if value.startswith(("{", "[")):
                 json.loads(value)
     [parent] = parents

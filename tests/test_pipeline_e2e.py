@@ -20,7 +20,7 @@ def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     """`quantmill ARGS` in a fresh process against the state folder `home`."""
     env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
+        [sys.executable, "-m", "quantmill.flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

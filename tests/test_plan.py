@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from benchmarks.merge import synthetic_adapter, synthetic_model
-from flows.cli import main
 from quantmill.errors import QuantmillError
+from quantmill.flows.cli import main
 from quantmill.plan import (
-    MiB,
     RUNTIME_BYTES,
     Machine,
+    MiB,
     choose_merge_strategy,
     config_weights,
     folder_weights,
@@ -35,9 +35,9 @@ import ctypes, gc, json, re, sys
 from pathlib import Path
 import psutil
 from quantmill.profile import Merge, Recipe
-from tasks.merge import merge_lora
-from tasks.quantize import QuantizeJob, get_method
-from tasks.quantize.common import model_info
+from quantmill.tasks.merge import merge_lora
+from quantmill.tasks.quantize import QuantizeJob, get_method
+from quantmill.tasks.quantize.common import model_info
 
 def measure(fn):
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
 from quantmill.errors import QuantmillError
-from quantmill.presets import PRESETS, available, resolve
+from quantmill.flows.cli import main
+from quantmill.presets import available, resolve
 from quantmill.profile import Recipe
 from tests.conftest import subprocess_env
 
@@ -46,8 +46,8 @@ def test_unknown_method_lists_methods_and_aliases():
 
 
 def test_alias_clash_refused_at_registration():
-    from tasks.quantize.registry import register_method
-    from tasks.quantize.rtn import GroupedConfig
+    from quantmill.methods.registry import register_method
+    from quantmill.tasks.quantize.rtn import GroupedConfig
 
     class Clash(GroupedConfig):
         pass
@@ -56,7 +56,7 @@ def test_alias_clash_refused_at_registration():
         register_method("clash-test", Clash, aliases=("rtn",))(lambda c, j: None)
     with pytest.raises(ValueError, match="another method's alias"):
         register_method("clash-test", Clash, aliases=("dynamic",))(lambda c, j: None)
-    from tasks.quantize import get_method
+    from quantmill.tasks.quantize import get_method
 
     with pytest.raises(QuantmillError):
         get_method("clash-test")  # nothing was registered
@@ -116,7 +116,7 @@ CHEAPER = ("--set", "calibration.num_samples=32")
 
 
 def _cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, *CHEAPER], cwd=cwd, env=subprocess_env(home),
+    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args, *CHEAPER], cwd=cwd, env=subprocess_env(home),
                           capture_output=True, text=True, timeout=1500)
 
 

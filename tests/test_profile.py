@@ -92,7 +92,7 @@ def test_cli_validate_exits_nonzero_with_one_line(tmp_path):
     data["recipes"][0]["method"] = "nope"
     path = write(tmp_path, data)
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-m", "quantmill.flows.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO
     )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -114,7 +114,7 @@ def flow_schema() -> dict:
     """The quantize deployment's parameter schema, built the way `prefect deploy` builds it."""
     from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-    return parameter_schema_from_entrypoint(f"{REPO}/flows/pipeline.py:quantize_pipeline").model_dump_for_openapi()
+    return parameter_schema_from_entrypoint("quantmill.flows.pipeline.quantize_pipeline").model_dump_for_openapi()
 
 
 def server_errors(profile: dict, schema: dict) -> list[str]:
@@ -131,7 +131,7 @@ def recipe_branches(schema: dict) -> dict[str, dict]:
 
 
 def test_schema_offers_every_registered_method_with_its_own_options():
-    from tasks.quantize import known_methods
+    from quantmill.tasks.quantize import known_methods
 
     schema = flow_schema()
     branches = recipe_branches(schema)
@@ -220,7 +220,7 @@ def test_a_newly_registered_method_appears_in_the_form_without_touching_profile_
 
     from pydantic import Field
 
-    from tasks.quantize import registry
+    from quantmill.methods import registry
 
     class ToyConfig(registry.MethodConfig):
         """A test-only method."""
@@ -231,7 +231,7 @@ def test_a_newly_registered_method_appears_in_the_form_without_touching_profile_
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
 
     @registry.register_method("toy-q", ToyConfig)
-    def quantize_toy(config, job):  # noqa: ANN001, ANN202
+    def quantize_toy(config, job):
         """Toy quantizer (never run)."""
 
     schema = flow_schema()

@@ -17,12 +17,17 @@ import pytest
 # Before torch starts OpenMP: spinning worker threads make a busy 2-core box ~10x slower (passive waits don't).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-import torch  # noqa: E402
+import torch
 
-import tasks.quantize  # noqa: E402,F401  (importing the package registers every method)
-from tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
-from tasks.quantize.rtn import (  # noqa: E402
-    dequantize_weight, gptq_tensors, pack_int32, quantize_weight, require_all_quantized, rtn_quantize_model,
+import quantmill.tasks.quantize  # noqa: F401  (importing the package registers every method)
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
+from quantmill.tasks.quantize.rtn import (
+    dequantize_weight,
+    gptq_tensors,
+    pack_int32,
+    quantize_weight,
+    require_all_quantized,
+    rtn_quantize_model,
     unpack_int32,
 )
 
@@ -154,8 +159,8 @@ def test_unquantized_target_is_named(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_packing_matches_gptqmodel_pack_block(bits):
-    from torch import nn
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+    from torch import nn
 
     w = torch.randn(64, 128)
     codes, scales, zeros = quantize_weight(w, bits, 32, sym=False)
@@ -176,7 +181,7 @@ def assets(request):
     return request.getfixturevalue("demo_assets" if request.param == "llama" else "qwen2_assets")
 
 
-def token_data(assets, folder: Path) -> SimpleNamespace:  # noqa: ANN001 - DemoAssets
+def token_data(assets, folder: Path) -> SimpleNamespace:
     """Calibration file (safetensors input_ids [16, 128]) in `folder`, eval windows [n, 128] and a probe [1, 64]."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
@@ -212,7 +217,8 @@ def runs(assets, data, tmp_path_factory):
 def load_reference(model_dir: Path, ckpt: Path) -> torch.nn.Module:
     """fp32 model whose weights are the checkpoint's tensors, dequantized by this test's own unpackers."""
     from safetensors.torch import load_file
-    from tasks.quantize.common import load_fp_model
+
+    from quantmill.tasks.quantize.common import load_fp_model
 
     cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     bits, state = cfg["bits"], {}
@@ -249,7 +255,7 @@ def score(model, windows: torch.Tensor, ref_logprobs: list[torch.Tensor]) -> tup
 
 def noisy_copies(model_dir: Path, rtn: torch.nn.Module, seeds: int = 4):
     """fp models perturbed by Gaussian noise with the per-layer RMS of RTN's rounding error ("RTN-size" noise)."""
-    from tasks.quantize.common import load_fp_model, target_linears
+    from quantmill.tasks.quantize.common import load_fp_model, target_linears
 
     for seed in range(seeds):
         gen, model = torch.Generator().manual_seed(seed), load_fp_model(model_dir, "cpu", torch.float32)
@@ -306,7 +312,7 @@ def test_checkpoints_reload_in_fresh_process(assets, data, runs, tmp_path):
 
 @pytest.mark.slow
 def test_rtn_checkpoint_equals_in_memory_model(assets, runs):
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     for key in ("rtn", "rtn3"):
         model = load_fp_model(assets.model_dir, "cpu", torch.float32)
@@ -352,7 +358,7 @@ def test_checkpoint_layout_as_vllm_expects(runs):
 
 @pytest.mark.slow
 def test_calibrated_methods_beat_rtn_beyond_noise(assets, data, runs):
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     fp = load_fp_model(assets.model_dir, "cpu", torch.float32)
     with torch.no_grad():
@@ -384,7 +390,7 @@ def test_autoawq_backend_when_installed(assets, data, runs, tmp_path):
     pytest.importorskip("awq", reason="autoawq not installed (optional; pip install --no-deps autoawq==0.2.9)")
     if not assets.root.name.startswith("llama"):
         pytest.skip("the backend comparison runs on the Llama model (measured 1.2% apart on Qwen2 too; ~1 min)")
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     config = build_config("awq", {"group_size": 128, "backend": "autoawq"})
     config.check_device("cpu")

@@ -26,9 +26,9 @@ PROBE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import gptqmodel, torch, transformers  # noqa: F401 - imported before the baseline
-    import tasks.quantize  # noqa: F401 - registers the methods
+    import quantmill.tasks.quantize  # noqa: F401 - registers the methods
     from pathlib import Path
-    from tasks.quantize.registry import QuantizeJob, build_config, get_method
+    from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))

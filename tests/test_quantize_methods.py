@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from quantmill.errors import QuantmillError
-from tasks.quantize import bnb, dynamic_int8, fp8
-from tasks.quantize.common import audit_quantized
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
+from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
+from quantmill.tasks.quantize import bnb, dynamic_int8, fp8
+from quantmill.tasks.quantize.common import audit_quantized
 
 METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 STEPS = {**dict.fromkeys(METHODS[:3], (bnb.quantize_bnb, bnb.save_bnb)), "fp8": (fp8.quantize_fp8, fp8.save_fp8),
@@ -328,3 +328,24 @@ def test_fp8_weight_math():
     assert q.dtype == torch.float8_e4m3fn and s.shape == (16, 1) and torch.isfinite(s).all()
     assert q.float().abs().amax(dim=1)[rows].eq(448).all() and torch.equal(deq[3], torch.zeros(32))
     assert ((deq - w).norm(dim=1)[rows] / w.norm(dim=1)[rows]).max() < 0.04
+
+
+def test_every_registered_handler_resolves_to_its_method_module():
+    """Configs register in quantmill.methods with the handler's import path: each path resolves, one module per method."""
+    from quantmill.methods import get_method, known_methods
+    from quantmill.methods.registry import _METHODS
+
+    for name in known_methods():
+        ref = _METHODS[name].handler_ref
+        assert isinstance(ref, str) and ref.startswith("quantmill.tasks.quantize."), (name, ref)
+        handler = get_method(name).handler
+        assert callable(handler) and f"{handler.__module__}:{handler.__name__}" == ref
+        assert get_method(name).summary == handler.__doc__.strip().splitlines()[0]  # the form's text, one source
+
+
+def test_every_method_states_its_memory_loading_and_requirements():
+    """The plan, the model card and the MLflow model read these facts from the registry: none may be missing."""
+    from quantmill.methods import fact_table, known_methods
+
+    for fact in ("memory", "loader", "requirements"):
+        assert sorted(fact_table(fact)) == known_methods(), fact

@@ -21,15 +21,20 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-import torch  # noqa: E402
+import torch
 
-import tasks.quantize  # noqa: E402,F401  (registers every method)
-from quantmill.errors import QuantmillError  # noqa: E402
-from tasks.quantize import gguf_export, w8a8  # noqa: E402
-from tasks.quantize.common import model_info  # noqa: E402
-from tasks.quantize.registry import ModelInfo, QuantizeJob, build_config, get_method  # noqa: E402
-from tests.test_quantize_gptq_family import (  # noqa: E402
-    load_reference, max_logit_error, noisy_copies, reload_in_fresh_process, score, token_data,
+import quantmill.tasks.quantize  # noqa: F401  (registers every method)
+from quantmill.errors import QuantmillError
+from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
+from quantmill.tasks.quantize import gguf_export, w8a8
+from quantmill.tasks.quantize.common import model_info
+from tests.test_quantize_gptq_family import (
+    load_reference,
+    max_logit_error,
+    noisy_copies,
+    reload_in_fresh_process,
+    score,
+    token_data,
 )
 
 GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16")
@@ -86,7 +91,7 @@ def test_model_checks_name_the_field(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_smoothing_keeps_the_fp_model(arch, request):
     """Scaling the linears' columns by s and the norms (up_proj rows) by 1/s leaves the logits as they were."""
-    from tasks.quantize.common import load_fp_model, target_linears
+    from quantmill.tasks.quantize.common import load_fp_model, target_linears
 
     assets = request.getfixturevalue("demo_assets" if arch == "llama" else "qwen2_assets")
     model = load_fp_model(assets.model_dir, "cpu", torch.float64)
@@ -145,14 +150,14 @@ def data(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp_logprobs(assets, data):
     """The fp model's log-probs on the eval windows (batches of 16), the reference of `score`."""
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     fp = load_fp_model(assets.model_dir, "cpu", torch.float32)
     with torch.no_grad():
         return [fp(input_ids=c).logits.float().log_softmax(-1) for c in data.windows.split(16)]
 
 
-def run(method: str, params: dict, assets, data, out: Path):  # noqa: ANN001, ANN201
+def run(method: str, params: dict, assets, data, out: Path):
     """Validate and run one handler on CPU; (result, seconds)."""
     config = build_config(method, params)
     config.check_device("cpu")
@@ -257,7 +262,8 @@ def test_w8a8_checkpoint_layout_as_vllm_expects(assets, w8a8_runs):
 def w8a8_reference(model_dir: Path, ckpt: Path, static: bool) -> torch.nn.Module:
     """This test's own W8A8 model: the checkpoint's int8 * weight_scale, its norms, inputs fake-quantized to int8."""
     from safetensors.torch import load_file
-    from tasks.quantize.common import load_fp_model
+
+    from quantmill.tasks.quantize.common import load_fp_model
 
     t = load_file(str(ckpt / "model.safetensors"))
     state = {k: v for k, v in t.items() if not k.endswith(("_scale",)) and v.dtype != torch.int8}
@@ -266,8 +272,8 @@ def w8a8_reference(model_dir: Path, ckpt: Path, static: bool) -> torch.nn.Module
     model = load_fp_model(model_dir, "cpu", torch.float32)
     model.load_state_dict(state, strict=False)
 
-    def fake_quant(scale):  # noqa: ANN001, ANN202 - static per-tensor scale, or None for dynamic per-token
-        def hook(_m, args):  # noqa: ANN001, ANN202
+    def fake_quant(scale):
+        def hook(_m, args):
             x = args[0]  # dynamic symmetric int8 (compressed-tensors' calculate_qparams): absmax / (255 / 2)
             s = scale if scale is not None else (x.abs().amax(-1, keepdim=True) / 127.5).clamp_min(1e-12)
             return (torch.round(x / s).clamp(-128, 127) * s,)
@@ -307,9 +313,9 @@ def test_w8a8_reloads_runs_int8_activations_and_smoothing_helps(assets, data, w8
     assert kl["w8a8-dynamic"] < kl["w8a8"] and kl["w8a8-gptq"] < 1.2 * kl["w8a8"], kl
 
 
-def load_reference_fp(assets):  # noqa: ANN001, ANN201
+def load_reference_fp(assets):
     """The fp32 model."""
-    from tasks.quantize.common import load_fp_model
+    from quantmill.tasks.quantize.common import load_fp_model
 
     return load_fp_model(assets.model_dir, "cpu", torch.float32)
 
@@ -326,7 +332,7 @@ def gguf_runs(assets, data, tmp_path_factory):
 def test_gguf_loads_in_transformers_and_matches_gguf_quants(assets, data, gguf_runs, tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.evaluate import load_model
+    from quantmill.tasks.evaluate import load_model
 
     text = Path(assets.eval_path).read_text()[:3000]
     models = [(assets.model_dir, None)] + [(d, "model.gguf") for d, _, _ in gguf_runs.values()]

@@ -15,7 +15,7 @@ from quantmill.hashing import hash_tree
 from quantmill.mlmodel import serving_digest
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
-from tasks.register import SHA_TAG, promote, register
+from quantmill.tasks.register import SHA_TAG, promote, register
 from tests.conftest import demo_llama
 
 ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4"}  # short variant names -> method

@@ -100,13 +100,13 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
 @pytest.fixture()
 def broken_method():
     """A registered method whose handler always raises (removed again after the test)."""
-    from tasks.quantize import registry
+    from quantmill.methods import registry
 
     class BrokenConfig(registry.MethodConfig):
         bits: int = 8
 
     @registry.register_method("broken-for-test", BrokenConfig)
-    def broken(config, job):  # noqa: ANN001, ANN202
+    def broken(config, job):
         """Always fails (test only)."""
         raise RuntimeError("kernel exploded")
 
@@ -118,8 +118,8 @@ def broken_method():
 def test_a_failing_variant_does_not_lose_the_others(tmp_path, demo_assets, broken_method):
     """Threads runner, in process: a grid recipe that does not fit the model is skipped, one that raises is
     reported; the rest are registered, and the report lists both."""
-    from flows.sweep import sweep
     from quantmill import tracking
+    from quantmill.flows.sweep import sweep
 
     name = "sweep-partial"
     profile = parse_profile({
@@ -154,7 +154,7 @@ def test_runner_choice(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.sweep import task_runner
+    from quantmill.flows.sweep import task_runner
     from quantmill.profile import Sweep
 
     threads = task_runner(Sweep.Runner(max_workers=3))

@@ -50,7 +50,8 @@ def test_rss_after_fourth_variant_within_10_percent_of_first(demo_assets, tmp_pa
     }
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path), "-v"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(path), "-v"], capture_output=True,
+                          text=True,
                           cwd=REPO, env=subprocess_env(tmp_path / "home"), timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]

@@ -1,6 +1,6 @@
-"""Quantize step: one module per method, all registered in `registry`."""
+"""Quantize step: one handler module per method; the methods' configs and registry live in quantmill.methods."""
 
-from tasks.quantize.registry import (  # noqa: F401
+from quantmill.methods import (  # noqa: F401 - re-exported
     MethodConfig,
     QuantizeJob,
     QuantizeResult,
@@ -9,13 +9,4 @@ from tasks.quantize.registry import (  # noqa: F401
     known_methods,
     register_method,
 )
-
-# Importing a method module registers it.
-import importlib as _importlib
-import pkgutil as _pkgutil
-
-for _m in _pkgutil.iter_modules(__path__):
-    if _m.name not in {"registry", "common", "step", "mixed", "sensitivity"}:
-        _importlib.import_module(f"{__name__}.{_m.name}")
-
-from tasks.quantize.step import quantize  # noqa: E402,F401
+from quantmill.tasks.quantize.step import quantize  # noqa: F401 - the step's task, the package's API

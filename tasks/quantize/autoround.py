@@ -12,51 +12,23 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from tasks.quantize.gptq import finish_checkpoint, load_calibration, target_and_kept
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import GroupedConfig, check_cpu_int4_group, v1_zero_underflows
-
-AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Python >= 3.11): '
-                  'pip install "auto-round==0.16.1" "torch==2.13.0" (or pip install -e ".[autoround]")')
-
-
-class AutoRoundConfig(GroupedConfig):
-    """AutoRound: bits 2/3/4/8, group_size, sym, iters, lr (None = 1/iters), batch_size; GPTQ-format output."""
-
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
-    sym: bool = Field(True, description="Symmetric quantization (no zero-point search)")
-    iters: int = Field(200, ge=0, description="Sign-gradient tuning steps per block; 0 = AutoRound's RTN mode")
-    lr: float | None = Field(None, gt=0, description="Learning rate of the rounding/clipping tuning; null = 1/iters")
-    batch_size: int = Field(8, ge=1, description="Calibration samples per tuning step")
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """Same gate as GPTQ/AWQ: 3%."""
-        return 3.0
-
-    def check_device(self, device: str) -> None:
-        """auto-round must be importable; 4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
-        require_auto_round()
-        check_cpu_int4_group(self.bits, self.group_size, device)
-
-    def check_model(self, info: ModelInfo) -> None:
-        """Group size divides in_features; in_features a multiple of 32 (GPTQ packing)."""
-        super().check_model(info)
-        for name, in_features in info.linear_in_features.items():
-            if in_features % 32:
-                raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
-
-
-def require_auto_round() -> None:
-    """Raise a one-line ValueError when auto-round cannot be imported (never fall back silently)."""
-    try:
-        import auto_round  # noqa: F401
-    except Exception:
-        raise ValueError(AUTOROUND_HINT) from None
+from quantmill.methods.autoround import (  # noqa: F401 - re-exported
+    AUTOROUND_HINT,
+    AutoRoundConfig,
+    require_auto_round,
+)
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.tasks.quantize.gptq import (
+    finish_checkpoint,
+    load_calibration,
+    target_and_kept,
+)
+from quantmill.tasks.quantize.rtn import (
+    v1_zero_underflows,
+)
 
 
 def run_auto_round(config: AutoRoundConfig, job: QuantizeJob, tmp: Path) -> Path:
@@ -94,7 +66,6 @@ def tokenizer_pad_id(model_dir: Path) -> int:
     return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
 
 
-@register_method("autoround", AutoRoundConfig, calibrated=True)
 def quantize_autoround(config: AutoRoundConfig, job: QuantizeJob) -> QuantizeResult:
     """AutoRound (sign-gradient rounding/clipping tuning) through auto-round, saved as a GPTQ v1 checkpoint."""
     require_auto_round()

@@ -21,13 +21,20 @@ saving or reading a layer that is repacked anyway fails instead of writing a wro
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from tasks.quantize.common import (
+from quantmill.methods.bnb import (  # noqa: F401 - re-exported
+    Bnb4bitConfig,
+    BnbFP4Config,
+    BnbInt8Config,
+    BnbNF4Config,
+    ComputeDtype,
+)
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.tasks.quantize.common import (
     FixedBitsConfig,
     audit_quantized,
     base_dtype,
@@ -35,63 +42,11 @@ from tasks.quantize.common import (
     layer_errors,
     skipped_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from collections.abc import Callable
 
-
-class BnbInt8Config(FixedBitsConfig):
-    """LLM.int8(): int8 weights with row scales; activation columns above `threshold` run in fp16."""
-
-    FIXED_BITS: ClassVar[int] = 8
-    BITS_HINT: ClassVar[str] = "for 4-bit use bnb-nf4 or bnb-fp4"
-    bits: int = Field(8, description="Bits per weight, fixed by the method")
-    threshold: float = Field(6.0, description="Outlier threshold: activation columns above it run in fp16; 0: none")
-
-    @field_validator("threshold")
-    @classmethod
-    def _threshold(cls, v: float) -> float:
-        """Outlier threshold: 0 disables the mixed-precision decomposition; negative makes no sense."""
-        if v < 0:
-            raise ValueError(f"threshold={v} must be >= 0 (6.0 is the LLM.int8 default, 0 disables outliers)")
-        return v
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """int8 should be nearly lossless: 2%."""
-        return 2.0
-
-
-class Bnb4bitConfig(FixedBitsConfig):
-    """4-bit bitsandbytes (blocks of 64 with absmax scales); the quant type is fixed by the method."""
-
-    FIXED_BITS: ClassVar[int] = 4
-    BITS_HINT: ClassVar[str] = "for 8-bit use bnb-int8; for 2/3-bit use rtn or gptq"
-    QUANT_TYPE: ClassVar[str] = "nf4"
-    bits: int = Field(4, description="Bits per weight, fixed by the method")
-    double_quant: bool = Field(True, description="Quantize the absmax scales too (about 0.4 bits per weight less)")
-    compute_dtype: ComputeDtype | None = Field(
-        None, description="Matmul dtype (default: float32 on CPU, bfloat16 or float16 on CUDA)")
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """4-bit round-to-nearest: 5%."""
-        return 5.0
-
-    def check_device(self, device: str) -> None:
-        """compute_dtype=bfloat16 needs a GPU with bf16 support (CPU runs all three dtypes)."""
-        if device == "cuda" and self.compute_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-            raise ValueError("compute_dtype='bfloat16' is not supported by this GPU; use compute_dtype: float16")
-
-
-class BnbNF4Config(Bnb4bitConfig):
-    """NF4: 4-bit NormalFloat codes (best for normally distributed weights)."""
-
-    QUANT_TYPE: ClassVar[str] = "nf4"
-
-
-class BnbFP4Config(Bnb4bitConfig):
-    """FP4: 4-bit float codes (e2m1)."""
-
-    QUANT_TYPE: ClassVar[str] = "fp4"
+    from transformers import BitsAndBytesConfig
 
 
 def compute_dtype(config: FixedBitsConfig, device: str) -> torch.dtype:
@@ -105,7 +60,7 @@ def compute_dtype(config: FixedBitsConfig, device: str) -> torch.dtype:
     return torch.float16
 
 
-def bnb_config(config: FixedBitsConfig, skip: list[str], device: str):
+def bnb_config(config: FixedBitsConfig, skip: list[str], device: str) -> BitsAndBytesConfig:
     """transformers BitsAndBytesConfig for this method; `skip` lists the exact linear names left unquantized."""
     from transformers import BitsAndBytesConfig
 
@@ -121,7 +76,7 @@ def bnb_config(config: FixedBitsConfig, skip: list[str], device: str):
     )
 
 
-def is_bnb_quantized(config: FixedBitsConfig):
+def is_bnb_quantized(config: FixedBitsConfig) -> Callable[[nn.Module], bool]:
     """Predicate: the module is the bnb layer this method produces (and, for 4-bit, of the right quant type)."""
     import bitsandbytes as bnb
 
@@ -221,19 +176,16 @@ def run_bnb(config: FixedBitsConfig, job: QuantizeJob) -> QuantizeResult:
     return save_bnb(quantize_bnb(config, job), config, job)
 
 
-@register_method("bnb-int8", BnbInt8Config, calibrated=False, aliases=("bnb-8bit",))
 def quantize_bnb_int8(config: BnbInt8Config, job: QuantizeJob) -> QuantizeResult:
     """bitsandbytes LLM.int8 (8-bit weights, fp16 outliers); reloads with from_pretrained on CPU or CUDA."""
     return run_bnb(config, job)
 
 
-@register_method("bnb-nf4", BnbNF4Config, calibrated=False, aliases=("bnb-4bit",))
 def quantize_bnb_nf4(config: BnbNF4Config, job: QuantizeJob) -> QuantizeResult:
     """bitsandbytes 4-bit NormalFloat (QLoRA format); reloads with from_pretrained on CPU or CUDA."""
     return run_bnb(config, job)
 
 
-@register_method("bnb-fp4", BnbFP4Config, calibrated=False)
 def quantize_bnb_fp4(config: BnbFP4Config, job: QuantizeJob) -> QuantizeResult:
     """bitsandbytes 4-bit float (e2m1); reloads with from_pretrained on CPU or CUDA."""
     return run_bnb(config, job)

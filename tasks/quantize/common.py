@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ClassVar
 
 import torch
-from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
-from tasks.quantize.registry import MethodConfig, ModelInfo
+from quantmill.devices import pick_device  # noqa: F401 - re-exported
+from quantmill.methods.base import DEFAULT_KEEP, FixedBitsConfig, fixed_bits_schema  # noqa: F401 - re-exported
+from quantmill.modelinfo import model_info, target_linears  # noqa: F401 - re-exported
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -24,13 +25,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
-# Modules kept in full precision by every method unless a recipe says otherwise.
-DEFAULT_KEEP = ("lm_head",)
-
-
-def pick_device() -> str:
-    """'cuda' when a GPU is present, else 'cpu'."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_fp_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -66,34 +60,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def target_linears(model: nn.Module, keep: tuple[str, ...] = DEFAULT_KEEP) -> dict[str, nn.Linear]:
-    """The nn.Linear modules a weight quantizer targets (everything but `keep`)."""
-    return {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and not any(name == k or name.endswith("." + k) for k in keep)
-    }
-
-
-def model_info(model_dir: Path) -> ModelInfo:
-    """Architecture and linear in_features, from config.json alone (meta device, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    targets = target_linears(model)
-    saved = model.state_dict().keys()  # persistent buffers; tied weights are saved once (named_parameters dedups)
-    tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in saved}
-    return ModelInfo(
-        architecture=(config.architectures or [type(model).__name__])[0],
-        linear_in_features={n: m.in_features for n, m in targets.items()},
-        max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        linear_out_features={n: m.out_features for n, m in targets.items()},
-        other_tensors={n: t.numel() for n, t in tensors.items() if n.removesuffix(".weight") not in targets},
-    )
-
-
 def write_json(path: Path, data: dict) -> None:
     """Write pretty JSON."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -105,55 +71,6 @@ def checkpoint_size(path: Path) -> int:
 
 
 # --- shared by methods with a fixed storage width (bnb-*, dynamic-int8, fp8) ---
-
-
-def fixed_bits_schema(schema: dict, bits: int) -> None:
-    """JSON schema: `bits` takes the one width the method stores, so the form and the server refuse others."""
-    schema["properties"]["bits"]["enum"] = [bits]
-
-
-class FixedBitsConfig(MethodConfig):
-    """Base of methods whose weight width is fixed: `bits` may be stated but must equal FIXED_BITS."""
-
-    FIXED_BITS: ClassVar[int] = 8
-    SWEEP_AXES: ClassVar[tuple[str, ...]] = ()
-    BITS_HINT: ClassVar[str] = ""
-    model_config = ConfigDict(json_schema_extra=lambda schema, cls: fixed_bits_schema(schema, cls.FIXED_BITS))
-    bits: int = Field(8, description="Bits per weight, fixed by the method")
-    skip_modules: tuple[str, ...] = Field(
-        DEFAULT_KEEP, description="Modules left unquantized: exact names or dotted suffixes such as 'o_proj'")
-
-    @field_validator("bits")
-    @classmethod
-    def _fixed_bits(cls, v: int) -> int:
-        """Only the method's own width is accepted; the message names the alternatives."""
-        if v != cls.FIXED_BITS:
-            name = cls.TYPE or cls.__name__
-            raise ValueError(
-                f"bits={v} is not supported: {name} always stores {cls.FIXED_BITS}-bit weights; "
-                f"drop `bits` (or set bits: {cls.FIXED_BITS}){'; ' + cls.BITS_HINT if cls.BITS_HINT else ''}"
-            )
-        return v
-
-    @field_validator("skip_modules")
-    @classmethod
-    def _skip_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        """Module names (exact or a dotted suffix such as 'o_proj'), non-empty and unique."""
-        if any(not s.strip() for s in v):
-            raise ValueError("skip_modules entries must be non-empty module names such as 'lm_head' or 'o_proj'")
-        if len(set(v)) != len(v):
-            raise ValueError(f"skip_modules has duplicates: {list(v)}")
-        return v
-
-    def check_model(self, info: ModelInfo) -> None:
-        """Every skip_modules entry (besides the default lm_head) must name a linear of the model."""
-        super().check_model(info)
-        for key in self.skip_modules:
-            if key in DEFAULT_KEEP:
-                continue
-            if not any(n == key or n.endswith("." + key) for n in info.linear_in_features):
-                example = next(iter(info.linear_in_features), "model.layers.0.mlp.down_proj")
-                raise ValueError(f"skip_modules: {key!r} matches no linear module of the model (e.g. {example!r})")
 
 
 def skipped_linears(model_dir: Path, keep: tuple[str, ...]) -> list[str]:

@@ -16,40 +16,33 @@ transformers 5.23 on CPU): transformers reads the metadata and rebuilds the Int8
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from tasks.quantize.common import (
-    FixedBitsConfig,
+from quantmill.methods.dynamic_int8 import DynamicInt8Config
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.tasks.quantize.common import (
     audit_quantized,
     base_dtype,
     copy_tokenizer,
     layer_errors,
     skipped_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
+
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from transformers import TorchAoConfig
 
 
-class DynamicInt8Config(FixedBitsConfig):
-    """int8 weights (scale per output row or per tensor); int8 activations with per-token scales at run time."""
-
-    BITS_HINT: ClassVar[str] = "for 4-bit weights use bnb-nf4, rtn or gptq"
-    granularity: Literal["per_row", "per_tensor"] = Field(
-        "per_row", description="Weight scales: one per output row, or one per tensor")
-    activation_mapping: Literal["symmetric", "asymmetric"] = Field(
-        "symmetric", description="Activation quantization: symmetric, or asymmetric with a zero-point")
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """W8A8 should be nearly lossless: 2%."""
-        return 2.0
-
-
-def torchao_config(config: DynamicInt8Config, skip: list[str]):
+def torchao_config(config: DynamicInt8Config, skip: list[str]) -> TorchAoConfig:
     """transformers TorchAoConfig wrapping torchao's Int8DynamicActivationInt8WeightConfig; `skip` = exact names."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, MappingType, PerRow, PerTensor
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        MappingType,
+        PerRow,
+        PerTensor,
+    )
     from transformers import TorchAoConfig
 
     ao = Int8DynamicActivationInt8WeightConfig(
@@ -94,7 +87,6 @@ def save_dynamic_int8(model: nn.Module, config: DynamicInt8Config, job: Quantize
     return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors, extra=extra)
 
 
-@register_method("dynamic-int8", DynamicInt8Config, calibrated=False, aliases=("dynamic",))
 def quantize_dynamic_int8_handler(config: DynamicInt8Config, job: QuantizeJob) -> QuantizeResult:
     """torchao int8 weights + dynamic per-token int8 activations; reloads with from_pretrained (torchao installed)."""
     job.progress(f"dynamic-int8: quantizing with torchao on {job.device}")

@@ -16,41 +16,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.quantize.common import (
-    FixedBitsConfig,
+from quantmill.methods.fp8 import FP8Config
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.tasks.quantize.common import (
     audit_quantized,
     copy_tokenizer,
     layer_errors,
     relative_error,
     target_linears,
 )
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM fuses these: same scheme required
 
 
-class FP8Config(FixedBitsConfig):
-    """Weight-only FP8 e4m3, per-output-channel scales, no calibration; activations stay in the model dtype."""
-
-    BITS_HINT: ClassVar[str] = "for int8 use bnb-int8 or dynamic-int8, for 4-bit bnb-nf4, rtn or gptq"
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """FP8 per-channel should be almost lossless: 1%."""
-        return 1.0
-
-
 class FP8Linear(nn.Linear):
     """Linear whose weight is stored as float8_e4m3fn with an fp32 [out, 1] scale; dequantizes on each forward."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -169,7 +158,6 @@ def save_fp8(model: nn.Module, config: FP8Config, job: QuantizeJob) -> QuantizeR
     return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors, extra=extra)
 
 
-@register_method("fp8", FP8Config, calibrated=False)
 def quantize_fp8_handler(config: FP8Config, job: QuantizeJob) -> QuantizeResult:
     """Weight-only FP8 e4m3 per channel, compressed-tensors format (vLLM on Hopper; CPU reload: compressed-tensors)."""
     job.progress(f"fp8: quantizing to float8_e4m3fn per channel on {job.device}")

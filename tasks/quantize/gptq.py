@@ -6,56 +6,27 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 
-from tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
-from tasks.quantize.registry import QuantizeJob, QuantizeResult, register_method
-from tasks.quantize.rtn import GPTQFamilyConfig, kept_module_names, require_all_quantized, v1_zero_underflows
+from quantmill.methods.base import check_kernel  # noqa: F401 - re-exported
+from quantmill.methods.gptq import CPU_KERNELS, GPTQ_KERNELS, ComputeDtype, GPTQConfig  # noqa: F401 - re-exported
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
+from quantmill.tasks.quantize.rtn import (
+    kept_module_names,
+    require_all_quantized,
+    v1_zero_underflows,
+)
 
-# Kernel GPTQModel uses for the quantized layers it builds; only "auto" and "torch" run on CPU.
-GPTQ_KERNELS = {"auto": "auto", "torch": "gptq_torch", "triton": "gptq_triton", "exllama_v2": "gptq_exllama_v2",
-                "marlin": "gptq_marlin", "machete": "gptq_machete"}
-CPU_KERNELS = ("auto", "torch")
+if TYPE_CHECKING:  # imported where used: loading this module stays light
+    from gptqmodel import QuantizeConfig
+
 # Compute dtype of the calibrated methods on CPU when `compute_dtype: auto`: bf16, chosen by measurement (README:
 # "Compute dtype"): GPTQ's quality gap to RTN and its KL stay within the calibrated-method tests' noise, and bf16
 # runs GPTQModel's per-layer work faster than fp32 on CPU. On CUDA "auto" is the library's own choice.
 CPU_AUTO_DTYPE = torch.bfloat16
-ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
-
-
-class GPTQConfig(GPTQFamilyConfig):
-    """GPTQ via GPTQModel: bits, group_size, desc_act (act-order), damp_percent, sym, true_sequential, kernel."""
-
-    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing activation size (g_idx)")
-    # GPTQModel's group-aware reordering: act-order inside/among groups, un-permuted on save (trivial g_idx,
-    # so the checkpoint stays desc_act=false); ignored with desc_act or per-channel.
-    act_group_aware: bool = Field(True, description="Group-aware act-order, undone on save (off with desc_act)")
-    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal")
-    true_sequential: bool = Field(True, description="Quantize a block's linears one by one, each after the last")
-    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass")
-    kernel: Literal["auto", "torch", "triton", "exllama_v2", "marlin", "machete"] = Field(
-        "auto", description="GPTQModel kernel of the quantized layers (on CPU: auto or torch)")
-    compute_dtype: ComputeDtype = Field(
-        "auto", description="Dtype GPTQModel loads and quantizes in on CPU; auto: bfloat16 (measured). "
-                            "CUDA: the library's choice")
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """GPTQ is expected to stay within 3% of the fp baseline."""
-        return 3.0
-
-    def check_device(self, device: str) -> None:
-        """CUDA-only kernels and 4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
-        check_kernel(self.kernel, CPU_KERNELS, device)
-        super().check_device(device)
-
-
-def check_kernel(kernel: str, cpu_ok: tuple[str, ...], device: str) -> None:
-    """Raise ValueError naming `kernel` when it needs CUDA and the device is the CPU."""
-    if device != "cuda" and kernel not in cpu_ok:
-        raise ValueError(f"kernel={kernel!r} needs a CUDA GPU; use one of {list(cpu_ok)} on {device}")
 
 
 def gptqmodel_env() -> None:
@@ -165,7 +136,7 @@ def method_name(qcfg) -> str:  # noqa: ANN001 - gptqmodel QuantizeConfig
     return str(getattr(qcfg.method, "value", qcfg.method))
 
 
-def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtype: torch.dtype = CPU_AUTO_DTYPE) -> Any:
+def run_gptqmodel(job: QuantizeJob, qcfg: QuantizeConfig, kernel: str, batch_size: int, cpu_dtype: torch.dtype = CPU_AUTO_DTYPE) -> Any:
     """Load the fp model into GPTQModel, quantize on the job's calibration and save; return the quant log."""
     gptqmodel_env()
     from gptqmodel import GPTQModel
@@ -184,7 +155,6 @@ def run_gptqmodel(job: QuantizeJob, qcfg, kernel: str, batch_size: int, cpu_dtyp
     return quant_log or getattr(model, "quant_log", None)
 
 
-@register_method("gptq", GPTQConfig, calibrated=True)
 def quantize_gptq(config: GPTQConfig, job: QuantizeJob) -> QuantizeResult:
     """GPTQ through GPTQModel (layer-by-layer, Hessian-corrected), saved in GPTQ v1 format."""
     from gptqmodel import QuantizeConfig

@@ -4,94 +4,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_serializer
 from torch import nn
 
-from tasks.quantize.common import copy_tokenizer, kept_dtype, load_fp_model, model_info, target_linears
-from tasks.quantize.mixed import MixedPlan, MixedPrecision, budget_bytes, plan_mixed
-from tasks.quantize.registry import MethodConfig, ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.methods.base import (  # noqa: F401 - re-exported
+    CPU_INT4_GROUPS,
+    GPTQFamilyConfig,
+    GroupedConfig,
+    check_cpu_int4_group,
+)
+from quantmill.methods.registry import (
+    QuantizeJob,
+    QuantizeResult,
+)
+from quantmill.methods.rtn import RTNConfig
+from quantmill.tasks.quantize.common import (
+    copy_tokenizer,
+    kept_dtype,
+    load_fp_model,
+    target_linears,
+)
 
 _MIN_SCALE = 1e-6  # representable in fp16 (subnormal); guards all-zero groups
-CPU_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4pack kernel (gptqmodel's CPU 4-bit path) takes
-
-
-def check_cpu_int4_group(bits: int, group_size: int, device: str) -> None:
-    """On CPU, 4-bit checkpoints only load (transformers + gptqmodel) with group sizes the int4pack kernel takes."""
-    if device != "cuda" and bits == 4 and group_size not in CPU_INT4_GROUPS:
-        raise ValueError(f"group_size={group_size} with bits=4 cannot be loaded on {device}: gptqmodel's CPU int4 "
-                         f"kernels take group sizes {list(CPU_INT4_GROUPS)} (per-channel needs a CUDA device)")
-
-
-class GroupedConfig(MethodConfig):
-    """A group_size field (-1 = per-channel) shared by the grouped weight quantizers (rtn, gptq, awq)."""
-
-    group_size: int = Field(128, description="Weights per quantization group; -1: one group per output channel")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, v: int) -> int:
-        """-1 (per-channel) or a positive group size."""
-        if v == 0 or v < -1:
-            raise ValueError("group_size must be -1 (per-channel) or a positive integer")
-        return v
-
-    @property
-    def weight_group_size(self) -> int | None:
-        """Group size, None for per-channel."""
-        return None if self.group_size == -1 else self.group_size
-
-
-class GPTQFamilyConfig(GroupedConfig):
-    """Fields and checks shared by the GPTQ-format methods (rtn, gptq)."""
-
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight")
-    sym: bool = Field(True, description="Symmetric quantization (no zero-point)")
-    mixed_precision: MixedPrecision | None = Field(
-        None, description="Keep the most sensitive linears in fp16 within a size budget")
-
-    @model_serializer(mode="wrap")
-    def _omit_unused_mixed(self, handler):  # noqa: ANN001, ANN202
-        """Leave `mixed_precision` out when unset, so existing recipes keep their lineage and cache keys."""
-        data = handler(self)
-        if self.mixed_precision is None:
-            data.pop("mixed_precision", None)
-        return data
-
-    def variant_name(self) -> str:
-        """Default name, with '-mixed' when some linears may stay in fp16."""
-        return super().variant_name() + ("-mixed" if self.mixed_precision else "")
-
-    def check_device(self, device: str) -> None:
-        """4-bit group sizes the CPU kernels cannot load are rejected on CPU."""
-        check_cpu_int4_group(self.bits, self.group_size, device)
-
-    def check_model(self, info: ModelInfo) -> None:
-        """Group size must divide in_features; in_features must be a multiple of 32; a mixed budget must be feasible."""
-        super().check_model(info)
-        for name, in_features in info.linear_in_features.items():
-            if in_features % 32:
-                raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
-        if self.mixed_precision and info.linear_out_features:
-            budget_bytes(self.mixed_precision, info, self.bits, self.group_size)
-
-    def mixed_plan(self, job: QuantizeJob) -> MixedPlan | None:
-        """The fp16-kept linears for this job (None without mixed_precision); needs the job's sensitivity."""
-        if self.mixed_precision is None:
-            return None
-        if job.sensitivity is None:
-            raise ValueError("mixed_precision needs per-linear sensitivity (job.sensitivity); the quantize step "
-                             "measures it from the calibration data")
-        plan = plan_mixed(self.mixed_precision, model_info(job.model_dir), self.bits, self.group_size, job.sensitivity)
-        job.progress(f"mixed precision: keeping {len(plan.kept)} linears in fp16 ({plan.estimated_bytes:,} of "
-                     f"{plan.budget_bytes:,} budget bytes): {', '.join(plan.kept) or 'none'}")
-        return plan
-
-
-class RTNConfig(GPTQFamilyConfig):
-    """Round-to-nearest: bits, group_size (-1 = per-channel), sym; no calibration."""
 
 
 def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
@@ -261,7 +196,7 @@ def rtn_quantize_model(
 
 
 def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
-                         dtype: torch.dtype = torch.float16):
+                         dtype: torch.dtype = torch.float16) -> None:
     """Write model.safetensors (packed linears + the rest in `dtype`) and config.json with quantization_config."""
     from safetensors.torch import save_file
 
@@ -286,7 +221,6 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
         model.generation_config.save_pretrained(out_dir)
 
 
-@register_method("rtn", RTNConfig, calibrated=False)
 def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:
     """Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint."""
     plan = config.mixed_plan(job)

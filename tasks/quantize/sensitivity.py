@@ -3,7 +3,7 @@
 Measured once, inside the quantize step, per model content + calibration + (bits, group_size, sym, samples) +
 device and kept in the artifact store, so every mixed-precision recipe with those settings (rtn or gptq, any
 budget) reuses it. The measure is the mean per-token KL(fp model || model with that one linear quantized) over the first `samples` calibration windows,
-with the reference kept as top-k log-probs (tasks.evaluate.topk_kl; exact when k >= vocabulary). RTN stands in for
+with the reference kept as top-k log-probs (quantmill.scoring.topk_kl; exact when k >= vocabulary). RTN stands in for
 GPTQ here: GPTQ's own per-layer error would need one GPTQ pass per layer. Cost: one forward pass over the windows per
 targeted linear, with one model copy in memory.
 """
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from quantmill.caching import StepCache
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
-from tasks.quantize.common import load_fp_model, target_linears
-from tasks.quantize.rtn import dequantize_weight, quantize_weight
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks.quantize.common import load_fp_model, target_linears
+from quantmill.tasks.quantize.rtn import dequantize_weight, quantize_weight
 
 CODE_VERSION = "1"
 FILE = "sensitivity.json"
@@ -51,7 +52,7 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
     """{linear: mean per-token KL(fp || only that linear RTN-quantized)} on the first `samples` windows."""
     from safetensors.torch import load_file
 
-    from tasks.evaluate import LOGITS_BUDGET, topk_kl
+    from quantmill.scoring import LOGITS_BUDGET, topk_kl
 
     data = load_file(str(calib_path))
     windows = data["input_ids"][: params["samples"]].to(device)

@@ -9,37 +9,22 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
-from quantmill.caching import StepCache
-from quantmill.concurrency import holding_gpu
 from quantmill.errors import QuantmillError, retry_on_transient
+from quantmill.methods.checks import check_recipe, uses_calibration  # noqa: F401 - check_recipe re-exported
+from quantmill.methods.registry import QuantizeJob, get_method
 from quantmill.profile import Recipe
 from quantmill.refs import CalibRef, CheckpointRef, ModelRef
 from quantmill.store import ArtifactStore
-from tasks.quantize.common import model_info
-from tasks.quantize.registry import QuantizeJob, get_method
-from tasks.quantize.sensitivity import measured, sensitivity_params
+from quantmill.tasks._cache import StepCache
+from quantmill.tasks._gpu import holding_gpu
+from quantmill.tasks.quantize.sensitivity import measured, sensitivity_params
 
 CODE_VERSION = "1"
 SIDECAR = "quantmill.json"
 
 
-def check_recipe(recipe: Recipe, index: int, model: ModelRef, device: str) -> None:
-    """Fail before any work when a recipe cannot run on this model or device."""
-    config = recipe.config()
-    try:
-        config.check_device(device)
-        config.check_model(model_info(Path(model.path)))
-    except ValueError as exc:
-        raise QuantmillError(f"recipes.{index} ({recipe.name}): {exc}") from None
-
-
-def uses_calibration(recipe: Recipe) -> bool:
-    """Calibrated methods, and mixed-precision recipes (their per-layer sensitivity is measured on it)."""
-    return get_method(recipe.method).calibrated or getattr(recipe.config(), "mixed_precision", None) is not None
-
-
-def run_method(  # noqa: PLR0913
-    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001
+def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
     store_root: str,
 ) -> dict:
     """Call the method's handler (after any sensitivity a mixed-precision recipe needs); write the lineage sidecar."""

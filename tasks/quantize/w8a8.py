@@ -22,74 +22,23 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from tasks.quantize.common import (
-    FixedBitsConfig, base_dtype, copy_tokenizer, load_fp_model, relative_error, target_linears,
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.methods.w8a8 import LLAMA_LIKE, SMOOTH_MAPS, SmoothMap, W8A8Int8Config  # noqa: F401 - re-exported
+from quantmill.tasks.quantize.common import (
+    base_dtype,
+    copy_tokenizer,
+    load_fp_model,
+    relative_error,
+    target_linears,
 )
-from tasks.quantize.fp8 import check_fused_groups
-from tasks.quantize.registry import ModelInfo, QuantizeJob, QuantizeResult, register_method
+from quantmill.tasks.quantize.fp8 import check_fused_groups
 
 INT8_MAX = 127.0
-
-
-@dataclass(frozen=True)
-class SmoothMap:
-    """Inside one decoder layer: the module whose output feeds `balance` (absorbs 1/s) and those linears (take s)."""
-
-    prev: str
-    balance: tuple[str, ...]
-
-
-LLAMA_LIKE = (
-    SmoothMap("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    SmoothMap("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    SmoothMap("mlp.up_proj", ("mlp.down_proj",)),  # down_proj's input is silu(gate) * up: linear in up's rows
-)
-# architecture -> (decoder layers' container, smoothing maps inside each layer)
-SMOOTH_MAPS: dict[str, tuple[str, tuple[SmoothMap, ...]]] = {
-    "LlamaForCausalLM": ("model.layers", LLAMA_LIKE),
-    "Qwen2ForCausalLM": ("model.layers", LLAMA_LIKE),
-}
-
-
-class W8A8Int8Config(FixedBitsConfig):
-    """int8 weights per channel + int8 activations (static per tensor or dynamic per token), SmoothQuant smoothing."""
-
-    BITS_HINT: ClassVar[str] = "for 4-bit weights use rtn, gptq, awq or autoround"
-    smoothing_alpha: float | None = Field(
-        0.5, ge=0, le=1, description="SmoothQuant migration strength (0.5-0.8 typical); null = no smoothing")
-    weights: Literal["rtn", "gptq"] = Field(
-        "rtn", description="int8 per-channel weights by round-to-nearest or GPTQ (GPTQModel, calibrated)")
-    activations: Literal["static", "dynamic"] = Field(
-        "static", description="int8 activations: static per-tensor scale from calibration, or dynamic per token")
-
-    def variant_name(self) -> str:
-        """w8a8-int8[-gptq][-dynamic][-nosmooth]."""
-        return "w8a8-int8" + "".join(s for s, on in (("-gptq", self.weights == "gptq"),
-                                                     ("-dynamic", self.activations == "dynamic"),
-                                                     ("-nosmooth", self.smoothing_alpha is None)) if on)
-
-    def default_max_ppl_increase_pct(self) -> float:
-        """W8A8 int8 should be nearly lossless: 2%."""
-        return 2.0
-
-    def check_model(self, info: ModelInfo) -> None:
-        """Smoothing needs the architecture's norm/linear map; GPTQ packing needs in_features % 32."""
-        super().check_model(info)
-        if self.smoothing_alpha is not None and info.architecture not in SMOOTH_MAPS:
-            raise ValueError(f"smoothing_alpha: no smoothing map for {info.architecture} (known: "
-                             f"{', '.join(SMOOTH_MAPS)}); set smoothing_alpha: null to quantize without smoothing")
-        if self.weights == "gptq":
-            for name, in_features in info.linear_in_features.items():
-                if in_features % 32:
-                    raise ValueError(f"weights=gptq: in_features={in_features} of {name} is not a multiple of 32")
 
 
 @torch.no_grad()
@@ -163,11 +112,11 @@ def gptq_int8(model: nn.Module, job: QuantizeJob, names: list[str]) -> dict[str,
     """GPTQ (GPTQModel, 8-bit sym per channel) on the smoothed fp model: {linear: (int8 weight, fp32 [out, 1])}."""
     from dataclasses import replace
 
-    from safetensors import safe_open
     from gptqmodel import QuantizeConfig
+    from safetensors import safe_open
 
-    from tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
-    from tasks.quantize.rtn import unpack_int32
+    from quantmill.tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
+    from quantmill.tasks.quantize.rtn import unpack_int32
 
     with tempfile.TemporaryDirectory(prefix="w8a8-gptq-") as tmp:
         smoothed_dir, gptq_dir = Path(tmp) / "smoothed", Path(tmp) / "gptq"
@@ -230,12 +179,11 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
 
 def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
     """The calibration input_ids the step tokenized, one 1-D row per sample (samples may differ in length)."""
-    from tasks.quantize.gptq import load_calibration
+    from quantmill.tasks.quantize.gptq import load_calibration
 
     return [r["input_ids"] for r in load_calibration(job.calibration)]
 
 
-@register_method("w8a8-int8", W8A8Int8Config, calibrated=True)
 def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
     """W8A8 int8 (SmoothQuant + per-channel int8 weights + static/dynamic int8 activations), compressed-tensors."""
     model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; statistics in fp32

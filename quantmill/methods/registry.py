@@ -1,11 +1,18 @@
-"""The quantization method registry: one config model per method, registered beside its handler."""
+"""The quantization method registry: one config model per method, and what is known about each method.
+
+Core floor: pydantic only. A method's config module (quantmill/methods/<method>.py) registers it with
+`register_config`, naming its handler (the step floor, torch) by import path: the handler module is imported
+the first time `QuantMethod.handler` is read, so validating a profile never loads torch or Prefect.
+"""
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, ValidationError
 
@@ -42,7 +49,7 @@ class MethodConfig(BaseModel):
         """Default quality gate: allowed perplexity increase over the baseline, in percent."""
         return 2.0 if self.weight_bits >= 8 else 5.0
 
-    def check_model(self, info: "ModelInfo") -> None:
+    def check_model(self, info: ModelInfo) -> None:
         """Raise ValueError when this config cannot be applied to the model (field and reason)."""
         gs = self.weight_group_size
         if gs and gs > 0:
@@ -97,15 +104,59 @@ class QuantizeResult:
 Handler = Callable[[Any, QuantizeJob], QuantizeResult]
 
 
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What the planner, the model card and the MLflow model know about a method; None: not stated (each reader
+    then uses its default for an unknown method). Measured on the demo, a 34 MiB synthetic Llama and
+    benchmarks/scale.py with torch 2.13 CPU."""
+
+    # (extra RAM as a multiple of the checkpoint size, library first-use bytes, kept-tensor bytes on CPU or None
+    # for the base's half dtype (GPTQ format: bf16/fp16; an fp32 base is kept fp16), 0 for the base dtype)
+    memory: tuple[float, int, int | None] | None = None
+    # The library the quantize step imports, and the one that loads its checkpoint for evaluation: imported once,
+    # it stays in the process (later steps' baseline); methods sharing one are charged once.
+    library: str | None = None
+    loader_library: str | None = None
+    # Evaluating on CPU: bytes per quantized parameter its kernels materialize beside the checkpoint.
+    eval_dequant: float | None = None
+    # Bytes per parameter the quantizer loads the full-precision model in on CPU (None: the base dtype).
+    cpu_load_bytes: int | None = None
+    # How to load the checkpoint (model card): vLLM `quantization=` (None: auto-detected) and the pip line.
+    loader: tuple[str | None, str] | None = None
+    # Packages (besides the base ones) the MLflow model needs to load the checkpoint.
+    requirements: tuple[str, ...] | None = None
+
+
+def fact_table(field_name: str) -> dict[str, Any]:
+    """{method: fact} of every registered method that states `field_name` (see MethodFacts)."""
+    return {name: value for name, method in sorted(_METHODS.items())
+            if (value := getattr(method.facts, field_name)) is not None}
+
+
 @dataclass(frozen=True)
 class QuantMethod:
-    """A registered method: its name, config model, handler and whether it needs calibration data."""
+    """A registered method: its name, config model, handler and whether it needs calibration data.
+
+    `handler_ref` is the handler itself or its import path ("package.module:function"), resolved on first use.
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    handler: Handler
+    handler_ref: Handler | str
     calibrated: bool
     summary: str
+    facts: MethodFacts = MethodFacts()
+
+    @property
+    def handler(self) -> Handler:
+        """The handler function (imports its module the first time)."""
+        if not isinstance(self.handler_ref, str):
+            return self.handler_ref
+        module, _, attr = self.handler_ref.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 _METHODS: dict[str, QuantMethod] = {}
@@ -113,28 +164,51 @@ _ALIASES: dict[str, str] = {}  # other names people type (e.g. from other tools'
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
-def register_method(
-    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False, aliases: tuple[str, ...] = ()
-) -> Callable[[Handler], Handler]:
-    """Decorator registering `handler` as method `name` (also accepted as any of `aliases`) with its config model."""
+def _check_names(name: str, config_cls: type[MethodConfig], aliases: tuple[str, ...]) -> None:
     for n in (name, *aliases):
         if not _NAME.match(n):
             raise ValueError(f"method name {n!r} must be lower-case words joined by '-'")
     if not issubclass(config_cls, MethodConfig):
         raise TypeError(f"{config_cls.__name__} must subclass MethodConfig")
 
+
+def _add(method: QuantMethod, aliases: tuple[str, ...]) -> None:
+    name = method.name
+    if name in _METHODS and _METHODS[name].handler_ref != method.handler_ref:
+        raise ValueError(f"quantization method {name!r} is already registered")
+    method.config_cls.TYPE = method.config_cls.TYPE or name
+    for alias in aliases:
+        if alias in _METHODS or _ALIASES.get(alias, name) != name:
+            raise ValueError(f"alias {alias!r} of {name!r} is already a method or another method's alias")
+    if name in _ALIASES:
+        raise ValueError(f"quantization method {name!r} is already an alias of {_ALIASES[name]!r}")
+    _METHODS[name] = method
+    _ALIASES.update({alias: name for alias in aliases})
+
+
+def register_config(  # noqa: PLR0913 - keyword-only: the fields of one registration
+    name: str, config_cls: type[MethodConfig], *, handler: str, calibrated: bool, summary: str,
+    aliases: tuple[str, ...] = (), facts: MethodFacts = MethodFacts(),
+) -> None:
+    """Register method `name` (also accepted as any of `aliases`): its config model, handler import path
+    ("package.module:function"), whether it needs calibration data, its one-line summary (the form shows it) and
+    its facts (memory, libraries, loading)."""
+    _check_names(name, config_cls, aliases)
+    if ":" not in handler:
+        raise ValueError(f"handler of {name!r} must be 'package.module:function', not {handler!r}")
+    _add(QuantMethod(name, config_cls, handler, calibrated, summary, facts), aliases)
+
+
+def register_method(
+    name: str, config_cls: type[MethodConfig], *, calibrated: bool = False, aliases: tuple[str, ...] = ()
+) -> Callable[[Handler], Handler]:
+    """Decorator registering `handler` as method `name` (also accepted as any of `aliases`) with its config model
+    (for methods defined outside quantmill, e.g. in a plugin or a test)."""
+    _check_names(name, config_cls, aliases)
+
     def decorate(handler: Handler) -> Handler:
-        if name in _METHODS and _METHODS[name].handler is not handler:
-            raise ValueError(f"quantization method {name!r} is already registered")
-        config_cls.TYPE = config_cls.TYPE or name
         doc = (handler.__doc__ or "").strip().splitlines()
-        for alias in aliases:
-            if alias in _METHODS or _ALIASES.get(alias, name) != name:
-                raise ValueError(f"alias {alias!r} of {name!r} is already a method or another method's alias")
-        if name in _ALIASES:
-            raise ValueError(f"quantization method {name!r} is already an alias of {_ALIASES[name]!r}")
-        _METHODS[name] = QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else "")
-        _ALIASES.update({alias: name for alias in aliases})
+        _add(QuantMethod(name, config_cls, handler, calibrated, doc[0] if doc else ""), aliases)
         return handler
 
     return decorate

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.quantize.registry import ModelInfo
+from quantmill.methods.registry import ModelInfo
 
 HEADER_BYTES = 112  # safetensors header entry per tensor beyond its name (dtype, shape, offsets), rounded up
 FP16 = 2
@@ -48,7 +48,7 @@ class MixedPrecision(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "MixedPrecision":
+    def _one_budget(self) -> MixedPrecision:
         if (self.max_size_bytes is None) == (self.max_size_ratio is None):
             raise ValueError("give exactly one of max_size_bytes or max_size_ratio (of the fp16 weight size)")
         return self
