@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantmill import state
 from quantmill.hashing import manifest_digest, manifest_of, stable_hash
 
 MANIFEST = ".manifest.json"
@@ -95,16 +96,6 @@ def artifact_key(step: str, **parts: Any) -> str:
     return f"{step}-{stable_hash(parts)[:24]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def is_url(root: str | os.PathLike[str]) -> bool:
     """True for fsspec URLs such as s3://, gs://, file://, memory://."""
     return "://" in str(root)
@@ -122,8 +113,6 @@ class ArtifactStore:
         self.url: str | None = None
         if is_url(root):
             self.url = str(root).rstrip("/")
-            from quantmill import state
-
             root = state.home() / "store-cache" / stable_hash(self.url)[:16]
         self.root = Path(root).expanduser().resolve()
         for sub in ("objects", "tmp", "locks", "trash"):
@@ -214,7 +203,7 @@ class ArtifactStore:
         for tmp in (self.root / "tmp").iterdir():
             parts = tmp.name.split(".")
             pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-            if pid is None or not _pid_alive(pid):
+            if pid is None or not state.pid_alive(pid):
                 shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(self.root / "trash", ignore_errors=True)
         (self.root / "trash").mkdir(exist_ok=True)

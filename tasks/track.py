@@ -129,16 +129,6 @@ RUN_HOOKS = {"on_failure": [close_flow_run], "on_crashed": [close_flow_run], "on
              "on_completion": [close_flow_run]}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def crash_flow_run(flow_run_id: str, message: str) -> None:
     """Mark a flow run (and its unfinished task runs) Crashed when the process running it died."""
     from uuid import UUID
@@ -160,7 +150,7 @@ def recover_dead_runs() -> list[str]:
     """Close what runs killed outright (kill -9, OOM killer) left open: MLflow run KILLED, flow run Crashed."""
     closed = []
     for m in open_runs():
-        if m.get("host") == socket.gethostname() and _alive(int(m.get("pid", 0))):
+        if m.get("host") == socket.gethostname() and state.pid_alive(int(m.get("pid", 0))):
             continue
         msg = f"process {m.get('pid')} on {m.get('host')} died before the run finished (killed); closed by a later run"
         try:

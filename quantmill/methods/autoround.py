@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from quantmill.methods.base import GroupedConfig, check_cpu_int4_group
+from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_packable
 from quantmill.methods.registry import MethodFacts, MiB, ModelInfo, register_config
 
 AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Python >= 3.11): '
@@ -34,9 +34,7 @@ class AutoRoundConfig(GroupedConfig):
     def check_model(self, info: ModelInfo) -> None:
         """Group size divides in_features; in_features a multiple of 32 (GPTQ packing)."""
         super().check_model(info)
-        for name, in_features in info.linear_in_features.items():
-            if in_features % 32:
-                raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
+        check_packable(info)
 
 
 def require_auto_round() -> None:

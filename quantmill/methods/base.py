@@ -12,6 +12,13 @@ from quantmill.methods.registry import MethodConfig, ModelInfo, QuantizeJob
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4pack kernel (gptqmodel's CPU 4-bit path) takes
 
 
+def check_packable(info: ModelInfo) -> None:
+    """Raise ValueError unless every targeted linear's in_features is a multiple of 32 (GPTQ int32 packing)."""
+    for name, in_features in info.linear_in_features.items():
+        if in_features % 32:
+            raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
+
+
 def check_cpu_int4_group(bits: int, group_size: int, device: str) -> None:
     """On CPU, 4-bit checkpoints only load (transformers + gptqmodel) with group sizes the int4pack kernel takes."""
     if device != "cuda" and bits == 4 and group_size not in CPU_INT4_GROUPS:
@@ -65,9 +72,7 @@ class GPTQFamilyConfig(GroupedConfig):
     def check_model(self, info: ModelInfo) -> None:
         """Group size must divide in_features; in_features must be a multiple of 32; a mixed budget must be feasible."""
         super().check_model(info)
-        for name, in_features in info.linear_in_features.items():
-            if in_features % 32:
-                raise ValueError(f"in_features={in_features} of {name} is not a multiple of 32, which packing needs")
+        check_packable(info)
         if self.mixed_precision and info.linear_out_features:
             budget_bytes(self.mixed_precision, info, self.bits, self.group_size)
 

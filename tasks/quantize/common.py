@@ -117,3 +117,21 @@ def layer_errors(
                 name = wanted[key]
                 errors[name] = relative_error(f.get_tensor(key), dequantize(model.get_submodule(name)))
     return errors
+
+
+def write_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], qcfg: dict, out_dir: Path,
+                     dtype: torch.dtype) -> None:
+    """Save `state` as model.safetensors (a tied lm_head dropped) and config.json with `qcfg` as its
+    quantization_config and `dtype` as the dtype of the tensors kept unquantized; generation_config beside."""
+    from safetensors.torch import save_file
+
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qcfg
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)

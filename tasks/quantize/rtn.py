@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from quantmill.tasks.quantize.common import (
     kept_dtype,
     load_fp_model,
     target_linears,
+    write_checkpoint,
 )
 
 _MIN_SCALE = 1e-6  # representable in fp16 (subnormal); guards all-zero groups
@@ -198,7 +198,6 @@ def rtn_quantize_model(
 def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
                          dtype: torch.dtype = torch.float16) -> None:
     """Write model.safetensors (packed linears + the rest in `dtype`) and config.json with quantization_config."""
-    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -208,17 +207,7 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
             state[key] = value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
     for name, tensors in packed.items():
         state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied and "lm_head.weight" in state:
-        del state["lm_head.weight"]
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qcfg
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
+    write_checkpoint(model, state, qcfg, out_dir, dtype)
 
 
 def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:

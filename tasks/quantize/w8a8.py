@@ -20,7 +20,6 @@ quantize-dequantizes its input with input_scale (static) or per-token scales (dy
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from quantmill.tasks.quantize.common import (
     load_fp_model,
     relative_error,
     target_linears,
+    write_checkpoint,
 )
 from quantmill.tasks.quantize.fp8 import check_fused_groups
 
@@ -157,7 +157,6 @@ def compressed_tensors_config(activations: str, ignore: list[str]) -> dict:
 def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
                     dtype: torch.dtype | None = None) -> None:
     """model.safetensors (int8 linears + scales, the rest in `dtype`, default the model's) and config.json."""
-    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.dtype
@@ -165,16 +164,7 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
              for k, v in model.state_dict().items() if k.removesuffix(".weight") not in quantized}
     for name, tensors in quantized.items():
         state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
-    if getattr(model.config.get_text_config(), "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = qcfg
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg.pop("torch_dtype", None)
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
+    write_checkpoint(model, state, qcfg, out_dir, dtype)
 
 
 def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
