@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_packable
+from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_packable, require_import
 from quantmill.methods.registry import MethodFacts, MiB, ModelInfo, register_config
 
 AUTOROUND_HINT = ('method autoround needs the optional auto-round package (Python >= 3.11): '
@@ -38,11 +38,8 @@ class AutoRoundConfig(GroupedConfig):
 
 
 def require_auto_round() -> None:
-    """Raise a one-line ValueError when auto-round cannot be imported (never fall back silently)."""
-    try:
-        import auto_round  # noqa: F401 - importing it is the check
-    except Exception:  # noqa: BLE001 - a broken install (native deps) is as unusable as a missing one: one line
-        raise ValueError(AUTOROUND_HINT) from None
+    """Raise a one-line ValueError when auto_round cannot be imported."""
+    require_import("auto_round", AUTOROUND_HINT)
 
 
 register_config(

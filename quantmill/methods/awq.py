@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_kernel
+from quantmill.methods.base import GroupedConfig, check_cpu_int4_group, check_kernel, require_import
 from quantmill.methods.registry import MethodFacts, MiB, ModelInfo, register_config
 
 AWQ_KERNELS = {"auto": "auto", "torch": "awq_torch", "gemm": "awq_gemm", "marlin": "awq_marlin",
@@ -61,11 +61,8 @@ class AWQConfig(GroupedConfig):
 
 
 def require_autoawq() -> None:
-    """Raise a one-line ValueError when AutoAWQ cannot be imported (never fall back silently)."""
-    try:
-        import awq  # noqa: F401  (autoawq's import name)
-    except Exception:  # noqa: BLE001 - a broken install (native deps) is as unusable as a missing one: one line
-        raise ValueError(AUTOAWQ_HINT) from None
+    """Raise a one-line ValueError when awq cannot be imported."""
+    require_import("awq", AUTOAWQ_HINT)
 
 
 register_config(

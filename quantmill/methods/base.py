@@ -12,6 +12,19 @@ from quantmill.methods.registry import MethodConfig, ModelInfo, QuantizeJob
 CPU_INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4pack kernel (gptqmodel's CPU 4-bit path) takes
 
 
+def require_import(module: str, hint: str) -> None:
+    """Raise a one-line ValueError (`hint`) when an optional backend cannot be imported; never fall back silently.
+
+    Any exception counts: a broken install (native dependencies) is as unusable as a missing one.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - see the docstring: one line whatever the import raised
+        raise ValueError(hint) from None
+
+
 def check_packable(info: ModelInfo) -> None:
     """Raise ValueError unless every targeted linear's in_features is a multiple of 32 (GPTQ int32 packing)."""
     for name, in_features in info.linear_in_features.items():
