@@ -147,16 +147,66 @@ def env_for(home: Path) -> dict[str, str]:
     return {**env, "QUANTMILL_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS of the process (ru_maxrss via wait4), its output) of one command; exits on failure."""
-    start = time.perf_counter()
+def tree_rss(pid: int) -> dict[int, int]:
+    """{pid: RSS bytes} of process `pid` and all its descendants now (vanished processes skipped)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out = {}
+    for p in procs:
+        try:
+            out[p.pid] = p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def parts(main: int, rss: dict[int, int]) -> dict[str, int]:
+    """RSS by role: the command itself, the Prefect server (and its watchdog), step processes."""
+    import psutil
+
+    out: dict[str, int] = {}
+    for pid, n in rss.items():
+        try:
+            line = " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            line = ""
+        role = ("main" if pid == main else "prefect server" if "uvicorn" in line or "parent, server" in line
+                else "step processes")
+        out[role] = out.get(role, 0) + n
+    return out
+
+
+def timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, dict[str, int], str]:
+    """(wall seconds, peaks, output) of one command; exits on failure. Peaks: `tree`, the largest sum of RSS over
+    the command's whole process tree (children: the Prefect server, step processes), sampled every 50 ms; `main`,
+    the command's own process (ru_maxrss via wait4 covers only the largest single process, never a sum)."""
+    import threading
+
+    start, peaks, done = time.perf_counter(), {"tree": 0, "main": 0, "parts": {}}, threading.Event()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                now = tree_rss(proc.pid)
+                if sum(now.values()) > peaks["tree"]:
+                    peaks["tree"], peaks["parts"] = sum(now.values()), parts(proc.pid, now)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        done.set()
+        sampler.join()
     proc.returncode, wall, out = os.waitstatus_to_exitcode(status), time.perf_counter() - start, log.read_text()
+    peaks["main"] = usage.ru_maxrss * 1024
+    peaks["tree"] = max(peaks["tree"], peaks["main"])  # a spike between samples
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{out[-4000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    return wall, peaks, out
 
 
 def tree_bytes(root: Path, pattern: str = "*") -> int:
@@ -190,7 +240,8 @@ def run_pipeline(work: Path, model: Path, adapter: Path, demo, size: dict) -> di
     cmd = [sys.executable, "-m", "quantmill.flows.cli", "run", str(path)]
     wall, peak, out = timed(cmd, env_for(home), work / "pipeline.log")
     cached, _, _ = timed(cmd, env_for(home), work / "pipeline-cached.log")
-    steps = {s: int(m) * MiB for s, m in re.findall(r"memory: step (\S+) peak RSS (\d+) MiB", out)}
+    debug = Path(re.search(r"debug log \(third-party output\): (\S+)", out).group(1)).read_text()  # step lines
+    steps = {s: int(m) * MiB for s, m in re.findall(r"memory: step (\S+) peak RSS (\d+) MiB", debug)}
     objects = home / "artifacts" / "objects"
     ideal = tree_bytes(objects, "merge-*") + tree_bytes(objects, "quantize-*")
     return {"wall": wall, "cached": cached, "peak": peak, "steps": steps, "disk": tree_bytes(home), "ideal": ideal,
@@ -210,8 +261,8 @@ def run_direct(work: Path, model: Path, adapter: Path, demo, size: dict, rtn_ckp
     plan.append(("perplexity", {"models": models + ([str(rtn_ckpt)] if rtn_ckpt else [])}))
     for step, extra in plan:
         cmd = [sys.executable, "-c", DIRECT, json.dumps({**common, **extra, "step": step})]
-        wall, _, text = timed(cmd, env_for(work / "direct-home"), work / f"direct-{step}.log")
-        out[step] = (wall, json.loads(text.strip().splitlines()[-1])["peak"])
+        wall, peaks, _ = timed(cmd, env_for(work / "direct-home"), work / f"direct-{step}.log")
+        out[step] = (wall, peaks["tree"])
         print(f"  direct {step:10s} {wall:7.1f} s  peak {out[step][1] / MiB:7.0f} MiB", flush=True)
     return out
 
@@ -249,8 +300,9 @@ def main() -> int:
           f"{len(list(model.glob('*.safetensors')))} shards; adapter rank 16", flush=True)
     work = Path(tempfile.mkdtemp(prefix=f"quantmill-scale-{label}-"))
     pipe = run_pipeline(work, model, adapter, demo, size)
-    print(f"  pipeline cold {pipe['wall']:7.1f} s  peak {pipe['peak'] / MiB:7.0f} MiB; cached {pipe['cached']:.1f} s",
-          flush=True)
+    print(f"  pipeline cold {pipe['wall']:7.1f} s  peak {pipe['peak']['tree'] / MiB:7.0f} MiB (process tree: "
+          + ", ".join(f"{k} {v / MiB:.0f}" for k, v in pipe['peak']['parts'].items())
+          + f"; main process alone {pipe['peak']['main'] / MiB:.0f} MiB); cached {pipe['cached']:.1f} s", flush=True)
     planned = plan_peaks(pipe["profile"])
     errors = {s: abs(planned[s] - got) / got for s, got in pipe["steps"].items() if s in planned}
     for s, got in pipe["steps"].items():
@@ -261,7 +313,7 @@ def main() -> int:
                 and json.loads((d / "quantmill.json").read_text())["method"] == "rtn"), None)  # scored directly too
     direct = run_direct(work, model, adapter, demo, size, rtn)
     ratios = {"wall": pipe["wall"] / sum(w for w, _ in direct.values()),
-              "rss": pipe["peak"] / max(p for _, p in direct.values()),
+              "rss": pipe["peak"]["tree"] / max(p for _, p in direct.values()),
               "disk": pipe["disk"] / max(pipe["ideal"], 1),
               "plan": max(errors.values(), default=float("inf"))}
     worst = max(errors, key=errors.get) if errors else "-"
