@@ -17,6 +17,6 @@ register_config(
     calibrated=False,
     summary="Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint.",
     facts=MethodFacts(memory=(2.0, 100 * MiB, None), library="rtn", loader_library="gptqmodel", eval_dequant=3.0,
-                      cpu_load_bytes=4, loader=("gptq", "pip install gptqmodel optimum"),
+                      loader=("gptq", "pip install gptqmodel optimum"),
                       requirements=("gptqmodel", "optimum")),
 )

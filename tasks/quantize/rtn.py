@@ -19,6 +19,7 @@ from quantmill.methods.registry import (
 )
 from quantmill.methods.rtn import RTNConfig
 from quantmill.tasks.quantize.common import (
+    base_dtype,
     copy_tokenizer,
     kept_dtype,
     load_fp_model,
@@ -214,7 +215,9 @@ def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:
     """Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint."""
     plan = config.mixed_plan(job)
     skip = tuple(plan.kept) if plan else ()
-    model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; math is fp32 per layer
+    # fp16 on CUDA; on CPU the base's own dtype (the math is fp32 per weight, so a half base loaded as it is gives
+    # the same codes and scales as an fp32 load, in half the memory)
+    model = load_fp_model(job.model_dir, job.device, dtype=None if job.device == "cuda" else base_dtype(job.model_dir))
     targets = {n: m for n, m in target_linears(model).items() if n not in skip}
     kept = kept_module_names(model, targets)
     job.progress(f"rtn: quantizing {len(targets)} linears to {config.bits} bits on {job.device}")
