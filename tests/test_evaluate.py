@@ -14,21 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantmill.accuracy import choice_accuracy, lm_eval_scores
 from quantmill.errors import ProfileError, QuantmillError
+from quantmill.gates import judge, limits_for
 from quantmill.profile import Evaluation, Gates, parse_profile
 from quantmill.refs import CheckpointRef, ModelRef
-from quantmill.tasks.evaluate import (
-    EVALUATE_CACHE,
-    choice_accuracy,
-    eval_data,
-    evaluate,
-    judge,
-    limits_for,
-    lm_eval_scores,
-    load_windows,
-    topk_kl,
-)
+from quantmill.scoring import topk_kl
+from quantmill.tasks.evaluate import EVALUATE_CACHE, eval_data, evaluate
 from quantmill.tasks.quantize import build_config
+from quantmill.windows import load_windows
 
 REPO = Path(__file__).resolve().parents[1]
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
