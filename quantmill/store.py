@@ -31,19 +31,6 @@ log = logging.getLogger("quantmill.store")
 _INPUTS: dict[str, list[str]] = {}  # key -> store keys of the artifacts it was built from (this process)
 
 
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys, in place: safetensors writes `__metadata__` in a per-process
-    random order, so identical tensors and metadata would give different bytes, digests and downstream cache keys."""
-    import struct
-
-    with open(path, "r+b") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        text = json.dumps(json.loads(fh.read(size)), sort_keys=True, separators=(",", ":")).encode()
-        if len(text) <= size:  # same content, compact: never longer; padded with spaces as safetensors does
-            fh.seek(8)
-            fh.write(text + b" " * (size - len(text)))
-
-
 def note_inputs(key: str, parents: list[str]) -> None:
     """Remember which artifacts `key` is built from; its manifest records them (cache ls/prune lineage)."""
     _INPUTS[key] = sorted(set(parents))

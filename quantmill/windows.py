@@ -9,7 +9,7 @@ import torch
 from quantmill.errors import QuantmillError
 from quantmill.profile import Evaluation
 from quantmill.refs import ModelRef
-from quantmill.store import canonical_safetensors
+from quantmill.safetensors_io import canonical_safetensors
 from quantmill.textdata import token_stream
 
 WINDOW_CAP = 1024

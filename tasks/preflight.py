@@ -107,7 +107,8 @@ def check_texts(profile: Profile) -> None:
 
 def run_disk_needed(profile: Profile) -> int:
     """Bytes every step of the run writes (the plan's disk column: merged model, calibration, checkpoints)."""
-    from quantmill.plan import plan_profile, this_machine
+    from quantmill.machine import this_machine
+    from quantmill.plan import plan_profile
 
     machine = this_machine(profile.storage.root)
     return sum(row.disk for row in plan_profile(profile, machine) if row.step != "disk (all steps)")
