@@ -220,7 +220,7 @@ def plan_peaks(profile_path: Path) -> dict[str, int]:
     """`quantmill plan`'s peak per step (process baseline included), for this machine."""
     from quantmill.machine import this_machine
     from quantmill.plan import plan_profile, step_peaks
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(str(profile_path), [])
     return step_peaks(plan_profile(profile, this_machine(profile.storage.root)))

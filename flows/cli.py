@@ -84,7 +84,7 @@ def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
 
 def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize") -> Any:
     """Validate the profile, run the quantize (or sweep) flow, print the summary; returns the RunSummary."""
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     return run_loaded(load_profile(path, list(overrides)), flow_name)
 
@@ -122,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(args.profile, args.set or [])
     recipes, skipped = profile.all_recipes()
@@ -219,7 +219,7 @@ def plan_table(rows: list[StepPlan], machine: Machine) -> Table:
 def cmd_plan(args: argparse.Namespace) -> int:
     from quantmill.machine import this_machine
     from quantmill.plan import plan_profile
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(args.profile, args.set or [])
     machine = this_machine(profile.storage.root)

@@ -11,7 +11,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from quantmill.errors import QuantmillError
 from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.memory import give_back
-from quantmill.profile import Profile, Sweep
+from quantmill.profile import Profile
+from quantmill.recipes import Sweep
 from quantmill.tasks.track import RUN_HOOKS
 
 

@@ -20,7 +20,8 @@ from quantmill import plan, state
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.inputs import local_input_problems
 from quantmill.methods.checks import check_recipe
-from quantmill.profile import Calibration, Evaluation, Profile, Recipe
+from quantmill.profile import Calibration, Evaluation, Profile
+from quantmill.recipes import Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
 

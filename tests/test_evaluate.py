@@ -17,7 +17,8 @@ import torch
 from quantmill.accuracy import choice_accuracy, lm_eval_scores
 from quantmill.errors import ProfileError, QuantmillError
 from quantmill.gates import judge, limits_for
-from quantmill.profile import Evaluation, Gates, parse_profile
+from quantmill.profile import Evaluation, Gates
+from quantmill.profile_io import parse_profile
 from quantmill.refs import CheckpointRef, ModelRef
 from quantmill.scoring import topk_kl
 from quantmill.tasks.evaluate import EVALUATE_CACHE, eval_data, evaluate

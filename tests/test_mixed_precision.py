@@ -17,7 +17,7 @@ import quantmill.tasks.quantize  # noqa: F401  (registers every method)
 from quantmill.errors import QuantmillError
 from quantmill.methods.mixed import budget_bytes, choose_kept
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
-from quantmill.profile import Recipe
+from quantmill.recipes import Recipe
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.tasks.quantize import sensitivity as sensitivity_module
 from quantmill.tasks.quantize.step import check_recipe, run_method

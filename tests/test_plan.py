@@ -17,7 +17,7 @@ from quantmill.estimates import RUNTIME_BYTES, MiB, choose_merge_strategy, merge
 from quantmill.flows.cli import main
 from quantmill.machine import Machine
 from quantmill.plan import plan_profile
-from quantmill.profile import load_profile
+from quantmill.profile_io import load_profile
 from quantmill.weights import config_weights, folder_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ CHILD = r"""
 import ctypes, gc, json, re, sys
 from pathlib import Path
 import psutil
-from quantmill.profile import Merge, Recipe
+from quantmill.profile import Merge
+from quantmill.recipes import Recipe
 from quantmill.merging import merge_lora
 from quantmill.tasks.quantize import QuantizeJob, get_method
 from quantmill.tasks.quantize.common import model_info

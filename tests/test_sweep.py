@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantmill.errors import ProfileError
-from quantmill.profile import parse_profile
+from quantmill.profile_io import parse_profile
 from tests.test_pipeline_e2e import mlflow_client, run_cli, step_states
 
 BASE = {
@@ -155,7 +155,7 @@ def test_runner_choice(monkeypatch):
     from prefect_dask import DaskTaskRunner
 
     from quantmill.flows.sweep import task_runner
-    from quantmill.profile import Sweep
+    from quantmill.recipes import Sweep
 
     threads = task_runner(Sweep.Runner(max_workers=3))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
