@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
-from quantmill.errors import retry_on_transient
 from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary
 from quantmill.profile import Source
 from quantmill.refs import ModelRef
 from quantmill.sources import CODE_VERSION, _key, fetch_snapshot, fetched, resolve  # noqa: F401 - re-exported
 from quantmill.store import ArtifactStore
-from quantmill.tasks._cache import StepCache
+from quantmill.tasks._cache import StepCache, network_retries
 
 
 def _verify(key: str, inputs: dict) -> str | None:
@@ -25,10 +23,7 @@ def _verify(key: str, inputs: dict) -> str | None:
 
 @task(
     name="download",
-    retries=4,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
+    **network_retries(4, backoff_factor=5),
     cache_policy=StepCache(step="download", code_version=CODE_VERSION, verifier=_verify),
     persist_result=True,
 )
