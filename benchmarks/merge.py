@@ -106,7 +106,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     else:
-        import quantmill.merging  # noqa: F401
+        import quantmill.tasks.merge  # noqa: F401 - the same imports as a pipeline process
         from quantmill.machine import this_machine
 
         this_machine()  # first-use costs (yaml, psutil, torch's thread pool) are not the merge's memory
