@@ -37,10 +37,9 @@ def child(method: str, model_dir: Path, calib: Path, windows_path: Path, out: Pa
 
     for name in ("torch", "transformers", "gptqmodel", "bitsandbytes", "torchao"):  # same baseline for every row
         importlib.import_module(name)
-    import quantmill.tasks.quantize  # noqa: F401 - registers the methods
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
+    from quantmill.quantize.common import checkpoint_size, load_fp_model
     from quantmill.tasks.evaluate import load_model, load_windows, score_windows
-    from quantmill.tasks.quantize.common import checkpoint_size, load_fp_model
 
     base, start = status_bytes("VmRSS"), time.perf_counter()
     if method == REFERENCE:
@@ -99,11 +98,11 @@ def main() -> int:
     state.configure_environment()
     from quantmill.demo import build_demo_assets
     from quantmill.errors import QuantmillError
+    from quantmill.methods import get_method, known_methods
     from quantmill.profile import Calibration, Evaluation
     from quantmill.refs import ModelRef
     from quantmill.tasks.calibrate import calibrate
     from quantmill.tasks.evaluate import eval_data
-    from quantmill.tasks.quantize import get_method, known_methods
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or known_methods()
     try:

@@ -12,6 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
+from quantmill.devices import pick_device
 from quantmill.flows.hooks import step_hooks
 from quantmill.memory import give_back
 from quantmill.metrics import ppl_delta_pct
@@ -23,7 +24,6 @@ from quantmill.tasks.evaluate import eval_data, evaluate, gate
 from quantmill.tasks.merge import merge
 from quantmill.tasks.preflight import check_inputs, preflight
 from quantmill.tasks.quantize import quantize
-from quantmill.tasks.quantize.common import pick_device
 from quantmill.tasks.register import promote, register
 from quantmill.tasks.report import publish_report
 from quantmill.tasks.track import RUN_HOOKS, log_lineage, log_results, start_run

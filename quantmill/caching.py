@@ -9,9 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from quantmill import refresh
 from quantmill.hashing import sha256_file
 from quantmill.refs import Ref
-from quantmill.store import ArtifactStore, artifact_key
+from quantmill.store import ArtifactStore, artifact_key, note_inputs
 
 log = logging.getLogger("quantmill.cache")
 
@@ -48,6 +49,13 @@ def step_key(step: str, code_version: str, inputs: dict[str, Any], exclude: tupl
     """Store and cache key of one step run."""
     parts = {k: fingerprint(v) for k, v in sorted(inputs.items()) if k not in exclude}
     return artifact_key(step, code=code_version, inputs=parts)
+
+
+def noted_key(step: str, code_version: str, inputs: dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
+    """step_key, with the inputs' store keys noted beside it (what --refresh of an upstream step follows)."""
+    key = step_key(step, code_version, inputs, exclude)
+    note_inputs(key, refresh.input_keys(inputs))
+    return key
 
 
 Verifier = Callable[[str, dict[str, Any]], str | None]

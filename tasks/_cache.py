@@ -16,8 +16,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.settings import get_current_settings
 
 from quantmill import refresh
-from quantmill.caching import Verifier, step_key, verify_in_store
-from quantmill.store import note_inputs
+from quantmill.caching import Verifier, noted_key, verify_in_store
 
 log = logging.getLogger("quantmill.cache")
 
@@ -36,9 +35,7 @@ class StepCache(CachePolicy):
         """The key of a run with these inputs (task bodies use it as their store key)."""
         if self.normalize is not None:
             inputs = self.normalize(dict(inputs))
-        key = step_key(self.step, self.code_version, inputs, self.exclude)
-        note_inputs(key, refresh.input_keys(inputs))
-        return key
+        return noted_key(self.step, self.code_version, inputs, self.exclude)
 
     def compute_key(
         self,

@@ -10,7 +10,7 @@ from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary
 from quantmill.profile import Source
 from quantmill.refs import ModelRef
-from quantmill.sources import CODE_VERSION, _key, fetch_snapshot, fetched, resolve  # noqa: F401 - re-exported
+from quantmill.sources import CODE_VERSION, _key, resolve
 from quantmill.store import ArtifactStore
 from quantmill.tasks._cache import StepCache
 

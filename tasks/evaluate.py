@@ -26,10 +26,10 @@ from quantmill.console import progress
 from quantmill.devices import device_name
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods import build_config
-from quantmill.metrics import ppl_delta_pct
+from quantmill.metrics import LOGITS_BUDGET, ppl_delta_pct
 from quantmill.profile import Evaluation, Gates
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
-from quantmill.scoring import LOGITS_BUDGET, topk_kl
+from quantmill.scoring import topk_kl
 from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.tasks._cache import StepCache
 from quantmill.tasks._gpu import holding_gpu

@@ -38,7 +38,7 @@ from typing import Any
 from prefect import task
 from prefect.logging import get_run_logger
 
-from quantmill.adapters import NF4, check_adapter, detect_training, pattern_value  # noqa: F401 - re-exported
+from quantmill.adapters import check_adapter, detect_training, pattern_value
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary

@@ -155,7 +155,7 @@ def test_sensitivity_ignores_the_padding_of_samples(demo_assets, tmp_path):
     """Mixed precision measures on calibration rows: a padded sample scores like the same tokens unpadded."""
     from safetensors.torch import save_file
 
-    from quantmill.tasks.quantize.sensitivity import measure_sensitivity
+    from quantmill.quantize.sensitivity import measure_sensitivity
 
     row = torch.arange(5, 25, dtype=torch.long)
     padded = torch.cat([row, torch.full((12,), 7, dtype=torch.long)])[None]

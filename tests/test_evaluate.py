@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from quantmill.errors import ProfileError, QuantmillError
+from quantmill.methods import build_config
 from quantmill.profile import Evaluation, Gates, parse_profile
 from quantmill.refs import CheckpointRef, ModelRef
 from quantmill.tasks.evaluate import (
@@ -28,7 +29,6 @@ from quantmill.tasks.evaluate import (
     load_windows,
     topk_kl,
 )
-from quantmill.tasks.quantize import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}

@@ -177,7 +177,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
 
     from quantmill import state
     from quantmill.methods.registry import QuantizeJob, build_config
-    from quantmill.tasks.quantize.gptq import quantize_gptq
+    from quantmill.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)

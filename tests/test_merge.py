@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.merge import run_child, synthetic_adapter, synthetic_model
+from quantmill.adapters import detect_training
 from quantmill.errors import QuantmillError
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
-from quantmill.tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
+from quantmill.tasks.merge import MERGE_CACHE, merge, merge_lora
 
 STRATEGIES = ("cpu", "streaming")
 

@@ -13,14 +13,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
-import quantmill.tasks.quantize  # noqa: F401  (registers every method)
 from quantmill.errors import QuantmillError
+from quantmill.methods.checks import check_recipe
 from quantmill.methods.mixed import budget_bytes, choose_kept
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
 from quantmill.profile import Recipe
+from quantmill.quantize import sensitivity as sensitivity_module
+from quantmill.quantize.run import run_method
 from quantmill.refs import CalibRef, ModelRef
-from quantmill.tasks.quantize import sensitivity as sensitivity_module
-from quantmill.tasks.quantize.step import check_recipe, run_method
 from tests.test_quantize_gptq_family import (
     load_reference,
     max_logit_error,
@@ -149,7 +149,7 @@ def test_sensitivity_is_measured_once_and_recorded(mixed):
 
 @pytest.mark.slow
 def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
-    from quantmill.tasks.quantize.common import model_info
+    from quantmill.modelinfo import model_info
 
     info, sens = model_info(mixed.assets.model_dir), mixed.sensitivity
     shape = {n: (info.linear_in_features[n], info.linear_out_features[n]) for n in sens}
@@ -167,7 +167,7 @@ def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
 
 @pytest.mark.slow
 def test_keeping_sensitive_layers_beats_plain_rtn_and_the_control(mixed):
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     windows = mixed.data.windows[:EVAL_WINDOWS]
     fp = load_fp_model(mixed.assets.model_dir, "cpu", torch.float32)
