@@ -23,6 +23,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    "tiktoken.model",
 )
 SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 META_PATTERNS = ("config.json", *SIDE_FILES)

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from quantmill.errors import QuantmillError
-from quantmill.profile import Calibration, ProfileError, parse_profile
+from quantmill.errors import ProfileError, QuantmillError
+from quantmill.profile import Calibration, parse_profile
 from quantmill.refs import ModelRef
 from quantmill.tasks.calibrate import CALIBRATE_CACHE, calibrate
 

@@ -18,6 +18,7 @@ from quantmill.errors import ProfileError, QuantmillError
 from quantmill.methods import build_config
 from quantmill.profile import Evaluation, Gates, parse_profile
 from quantmill.refs import CheckpointRef, ModelRef
+from quantmill.scoring import topk_kl
 from quantmill.tasks.evaluate import (
     EVALUATE_CACHE,
     choice_accuracy,
@@ -27,7 +28,6 @@ from quantmill.tasks.evaluate import (
     limits_for,
     lm_eval_scores,
     load_windows,
-    topk_kl,
 )
 
 REPO = Path(__file__).resolve().parents[1]

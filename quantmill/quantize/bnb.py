@@ -29,13 +29,7 @@ from torch import nn
 from quantmill.methods.base import FixedBitsConfig
 from quantmill.methods.bnb import Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.quantize.common import (
-    audit_quantized,
-    base_dtype,
-    copy_tokenizer,
-    layer_errors,
-    skipped_linears,
-)
+from quantmill.quantize.common import audit_quantized, base_dtype, copy_tokenizer, layer_errors, skipped_linears
 
 if TYPE_CHECKING:  # imported where used: loading this module stays light
     from collections.abc import Callable

@@ -23,13 +23,13 @@ from torch import nn
 
 from quantmill.methods.fp8 import FP8Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.modelinfo import target_linears
 from quantmill.quantize.common import (
     audit_quantized,
     check_fused_groups,
     copy_tokenizer,
     layer_errors,
     relative_error,
-    target_linears,
 )
 
 FP8 = torch.float8_e4m3fn

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from quantmill.methods.registry import QuantizeJob
-from quantmill.modelinfo import meta_model
-from quantmill.quantize.common import copy_tokenizer, kept_dtype, kept_module_names, target_linears
+from quantmill.modelinfo import meta_model, target_linears
+from quantmill.quantize.common import copy_tokenizer, kept_dtype, kept_module_names
 from quantmill.quantize.gptq_format import require_all_quantized
 
 if TYPE_CHECKING:  # imported where used: loading this module stays light

@@ -7,7 +7,8 @@ from torch import nn
 
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
 from quantmill.methods.rtn import RTNConfig
-from quantmill.quantize.common import copy_tokenizer, kept_dtype, kept_module_names, load_fp_model, target_linears
+from quantmill.modelinfo import target_linears
+from quantmill.quantize.common import copy_tokenizer, kept_dtype, kept_module_names, load_fp_model
 from quantmill.quantize.gptq_format import (
     dequantize_weight,
     gptq_quantization_config,

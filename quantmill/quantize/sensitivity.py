@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from quantmill.caching import noted_key
-from quantmill.quantize.common import load_fp_model, target_linears
+from quantmill.modelinfo import target_linears
+from quantmill.quantize.common import load_fp_model
 from quantmill.quantize.gptq_format import dequantize_weight, quantize_weight
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore

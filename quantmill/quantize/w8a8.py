@@ -28,6 +28,7 @@ from torch import nn
 
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
 from quantmill.methods.w8a8 import SMOOTH_MAPS, W8A8Int8Config
+from quantmill.modelinfo import target_linears
 from quantmill.quantize.common import (
     base_dtype,
     check_fused_groups,
@@ -35,7 +36,6 @@ from quantmill.quantize.common import (
     kept_module_names,
     load_fp_model,
     relative_error,
-    target_linears,
     write_checkpoint,
 )
 from quantmill.quantize.gptq_format import unpack_int32
