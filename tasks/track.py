@@ -15,8 +15,10 @@ from prefect.settings import get_current_settings
 
 import quantmill
 from quantmill import state, tracking
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Profile
+from quantmill.refs import Lineage, Variant
 from quantmill.tracking import child_run
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gptqmodel", "torchao", "prefect", "mlflow")
@@ -212,10 +214,13 @@ def dataset_input(name: str, source: str, digest: str, context: str):  # noqa: A
 
 
 @task(name="log-lineage", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[dict[str, Any]]) -> None:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
-    """Child runs per step and per variant, content hashes, dataset inputs, Prefect cross-links."""
+def log_lineage(lineage: Lineage, variants: list[Variant], *, ctx: StepContext) -> None:
+    """Child runs per step and per variant under the run `ctx.run_id`: content hashes, dataset inputs, Prefect
+    cross-links."""
     from prefect.artifacts import create_link_artifact
 
+    run_id, base, model, calib, data, baseline = (ctx.run_id, lineage.base, lineage.model, lineage.calib, lineage.data,
+                                                  lineage.baseline)
     client = tracking.client()
     parent = client.get_run(run_id)
     exp = parent.info.experiment_id
@@ -242,14 +247,14 @@ def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[
                    {"eval_digest": data.digest}, baseline.metrics)
     log_inputs(ev, [dataset_input("evaluation", data.source, data.digest, "evaluation")])
     for v in variants:
-        ckpt, result, verdict = v["ckpt"], v["result"], v["verdict"]
+        ckpt, result, verdict = v.ckpt, v.result, v.verdict
         child_run(client, run_id, exp, f"quantize/{ckpt.name}", tracking.flatten(ckpt.config, "config."),
                   {"checkpoint_sha256": ckpt.sha256, "kept_modules": ",".join(ckpt.kept_modules),
                    "quantized_modules": len(ckpt.quantized_modules)},
                   {**{f"layer_error.{k}": e for k, e in list(ckpt.layer_errors.items())[:500]},
                    "size_bytes": ckpt.size_bytes})
         gate_tags = {"gate": "passed" if verdict.passed else "failed", "gate_reasons": "; ".join(verdict.reasons),
-                     "model_version": v.get("version") or ""}
+                     "model_version": v.version or ""}
         registered = tracking.variant_run(client, run_id, ckpt.name)  # the register step made it (version's run)
         if registered:
             for k, val in gate_tags.items():

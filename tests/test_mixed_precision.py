@@ -14,6 +14,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
 import quantmill.tasks.quantize  # noqa: F401  (registers every method)
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
 from quantmill.methods.mixed import budget_bytes, choose_kept
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
@@ -103,7 +104,7 @@ def mixed(request, tmp_path_factory):
         out = root / name
         out.mkdir()
         recipe = Recipe(method=method, **BITS, **params)
-        record = run_method(recipe, model, calib, "cpu", out, log.append, str(root / "store"))
+        record = run_method(recipe, model, calib, ctx=StepContext(store_root=str(root / "store")), out=out, log=log.append)
         return SimpleNamespace(path=out, **record)
 
     runs = {"plain": run("plain", "rtn")}

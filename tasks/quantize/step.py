@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import task
 from prefect.logging import get_run_logger
 
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods.checks import check_recipe, uses_calibration  # noqa: F401 - check_recipe re-exported
 from quantmill.methods.registry import QuantizeJob, get_method
@@ -23,11 +24,11 @@ CODE_VERSION = "1"
 SIDECAR = "quantmill.json"
 
 
-def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
-    store_root: str,
+def run_method(
+    recipe: Recipe, model: ModelRef, calib: CalibRef | None, *, ctx: StepContext, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
 ) -> dict:
     """Call the method's handler (after any sensitivity a mixed-precision recipe needs); write the lineage sidecar."""
+    device = ctx.device
     method = get_method(recipe.method)
     config = recipe.config()
     if uses_calibration(recipe) and calib is None:
@@ -35,7 +36,7 @@ def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records o
     job = QuantizeJob(Path(model.path), out, Path(calib.path) if calib else None, device, log)
     found = None
     if getattr(config, "mixed_precision", None) is not None:  # measured once per model + calibration, then reused
-        found = measured(model, calib, sensitivity_params(config), device, store_root, log)
+        found = measured(model, calib, sensitivity_params(config), device, ctx.store_root, log)
         job = dataclasses.replace(job, sensitivity=found.values)
     result = method.handler(config, job)
     if found is not None:  # lineage: the stored measurement that chose the kept layers
@@ -66,13 +67,13 @@ CACHE = StepCache(step="quantize", code_version=CODE_VERSION, normalize=_key_inp
     cache_policy=CACHE,
     persist_result=True,
 )
-def quantize(model: ModelRef, recipe: Recipe, calib: CalibRef | None, device: str, store_root: str) -> CheckpointRef:
+def quantize(model: ModelRef, recipe: Recipe, *, calib: CalibRef | None, ctx: StepContext) -> CheckpointRef:
     """Quantize the model with one recipe; return a reference to the checkpoint folder."""
+    key = CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
     log = get_run_logger()
-    key = CACHE.key_for({"model": model, "recipe": recipe, "calib": calib, "device": device})
     calib = calib if uses_calibration(recipe) else None
-    art = ArtifactStore(store_root).get_or_build(
-        key, holding_gpu(device, lambda out: run_method(recipe, model, calib, device, out, log.info, store_root))
+    art = ArtifactStore(ctx.store_root).get_or_build(
+        key, holding_gpu(ctx.device, lambda out: run_method(recipe, model, calib, ctx=ctx, out=out, log=log.info))
     )
     r = art.record
     return CheckpointRef(
