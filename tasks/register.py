@@ -171,8 +171,8 @@ def _create_version(  # noqa: PLR0913 - keyword-only: where the version goes (cl
     card = modelcard.render(name, ckpt, result, lineage=lineage)
     metrics = tracking.variant_metrics(ckpt, result, lineage.baseline)
     exp = client.get_run(run_id).info.experiment_id
-    child = tracking.child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
-                               {"quantmill.variant": ckpt.name, "gate": "passed"}, {})
+    child = tracking.child_run(client, run_id, exp, f"evaluate/{ckpt.name}", params={"variant": ckpt.name},
+                               tags={"quantmill.variant": ckpt.name, "gate": "passed"})
     params = {"method": ckpt.method, "method_config": json.dumps(ckpt.config, sort_keys=True),
               **tracking.flatten(ckpt.config, "config.")}
     logged = client.create_logged_model(exp, name=ckpt.name, source_run_id=child, tags=tags, params=params,
