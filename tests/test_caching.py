@@ -97,7 +97,7 @@ def test_key_is_derived_from_every_bound_argument(tmp_path):
     assert CACHE.key_for(bound_arguments(grown, source, 2, ctx=ctx)) != CACHE.key_for(
         bound_arguments(grown, source, 2, 0.5, ctx=ctx))
     assert key != CACHE.key_for(bound_arguments(step, source, 2, ctx=ctx.model_copy(update={"device": "cuda"})))
-    src.write_text("abd")  # a path inside a model: its content keys the step
+    src.write_text("abd")  # the file a parameter names (TextSource.path): its content keys the step
     assert key != CACHE.key_for(bound_arguments(step, source, 2, ctx=ctx))
 
 
