@@ -96,6 +96,7 @@ def main() -> int:
     from quantmill import state
 
     state.configure_environment()
+    from quantmill.context import StepContext
     from quantmill.demo import build_demo_assets
     from quantmill.errors import QuantmillError
     from quantmill.methods import get_method, known_methods
@@ -116,9 +117,9 @@ def main() -> int:
                      summary={"max_position_embeddings": 512})
     store = str(home / "store")
     data = eval_data.fn(model, Evaluation(source={"path": str(assets.eval_path)}, max_tokens=args.max_tokens,
-                                          window=128, speed=None), store)
+                                          window=128, speed=None), ctx=StepContext(store_root=store))
     calib = calibrate.fn(model, Calibration(source={"path": str(assets.calib_path)}, num_samples=args.calib_samples,
-                                            seq_len=128), store)
+                                            seq_len=128), ctx=StepContext(store_root=store))
     rows = {}
     for name in [REFERENCE, *methods]:
         rows[name] = run_child(name, assets.model_dir, Path(calib.path), Path(data.path), home / "out" / name)

@@ -207,7 +207,7 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     model.save(str(dest / "MLmodel"))
 
 
-def stage_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+def stage_version(  # noqa: PLR0913 - keyword-only: what a version's folder holds
     ckpt_dir: Path, dest: Path, *, method: str, label: str, card: str, sidecar: dict[str, Any], run_id: str,
     model_id: str,
 ) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.logging import get_run_logger
 
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.methods.checks import uses_calibration
 from quantmill.profile import Recipe
@@ -34,13 +35,13 @@ CACHE = StepCache(step="quantize", code_version=CODE_VERSION, normalize=_key_inp
     cache_policy=CACHE,
     persist_result=True,
 )
-def quantize(model: ModelRef, recipe: Recipe, calib: CalibRef | None, device: str, store_root: str) -> CheckpointRef:
+def quantize(model: ModelRef, recipe: Recipe, *, calib: CalibRef | None, ctx: StepContext) -> CheckpointRef:
     """Quantize the model with one recipe; return a reference to the checkpoint folder."""
+    key = CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
     log = get_run_logger()
-    key = CACHE.key_for({"model": model, "recipe": recipe, "calib": calib, "device": device})
     calib = calib if uses_calibration(recipe) else None
-    art = ArtifactStore(store_root).get_or_build(
-        key, holding_gpu(device, lambda out: run_method(recipe, model, calib, device, out, log.info, store_root))
+    art = ArtifactStore(ctx.store_root).get_or_build(
+        key, holding_gpu(ctx.device, lambda out: run_method(recipe, model, calib, ctx=ctx, out=out, log=log.info))
     )
     r = art.record
     return CheckpointRef(
@@ -49,4 +50,3 @@ def quantize(model: ModelRef, recipe: Recipe, calib: CalibRef | None, device: st
         calib_digest=calib.digest if calib else None, quantized_modules=r["quantized_modules"],
         kept_modules=r["kept_modules"], layer_errors=r["layer_errors"], extra=r["extra"], store_key=key,
     )
-

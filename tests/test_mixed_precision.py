@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
 from quantmill.methods.checks import check_recipe
 from quantmill.methods.mixed import budget_bytes, choose_kept
@@ -103,7 +104,7 @@ def mixed(request, tmp_path_factory):
         out = root / name
         out.mkdir()
         recipe = Recipe(method=method, **BITS, **params)
-        record = run_method(recipe, model, calib, "cpu", out, log.append, str(root / "store"))
+        record = run_method(recipe, model, calib, ctx=StepContext(store_root=str(root / "store")), out=out, log=log.append)
         return SimpleNamespace(path=out, **record)
 
     runs = {"plain": run("plain", "rtn")}

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
 from quantmill.methods.checks import uses_calibration
 from quantmill.methods.registry import QuantizeJob, get_method
@@ -16,11 +17,11 @@ from quantmill.refs import CalibRef, ModelRef
 SIDECAR = "quantmill.json"
 
 
-def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    recipe: Recipe, model: ModelRef, calib: CalibRef | None, device: str, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
-    store_root: str,
+def run_method(
+    recipe: Recipe, model: ModelRef, calib: CalibRef | None, *, ctx: StepContext, out: Path, log,  # noqa: ANN001 - a progress sink, Callable[[str], None]
 ) -> dict:
     """Call the method's handler (after any sensitivity a mixed-precision recipe needs); write the lineage sidecar."""
+    device = ctx.device
     method = get_method(recipe.method)
     config = recipe.config()
     if uses_calibration(recipe) and calib is None:
@@ -28,7 +29,7 @@ def run_method(  # noqa: PLR0913 - positional plumbing; the typed step records o
     job = QuantizeJob(Path(model.path), out, Path(calib.path) if calib else None, device, log)
     found = None
     if getattr(config, "mixed_precision", None) is not None:  # measured once per model + calibration, then reused
-        found = measured(model, calib, sensitivity_params(config), device, store_root, log)
+        found = measured(model, calib, sensitivity_params(config), device, ctx.store_root, log)
         job = dataclasses.replace(job, sensitivity=found.values)
     result = method.handler(config, job)
     if found is not None:  # lineage: the stored measurement that chose the kept layers
