@@ -35,7 +35,7 @@ BOUNDS = (
 )
 
 
-def judge(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, spec: Evaluation) -> Verdict:
+def judge(ckpt: CheckpointRef, result: EvalRef, *, baseline: EvalRef, spec: Evaluation) -> Verdict:
     """Gate verdict with the reason for every bound that failed (a bound on an unmeasured metric fails)."""
     gates = limits_for(ckpt, spec)
     m = {**result.metrics, **derived(result.metrics, baseline.metrics)}

@@ -83,8 +83,8 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
 
 
 @torch.no_grad()
-def score_windows(  # noqa: PLR0913 - one pass computes everything that needs logits
-    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
+def score_windows(  # noqa: PLR0913 - keyword-only settings: one pass computes everything that needs logits
+    model, windows: torch.Tensor, first: torch.Tensor, *, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     reference: dict[str, torch.Tensor] | None = None, topk: int = 0,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Token-weighted perplexity (+ KL/top-1 agreement against `reference`, + this model's top-k log-probs)."""
@@ -143,7 +143,7 @@ def baseline_reference(baseline: EvalRef, data: EvalDataRef, store_root: str) ->
     return load_file(str(path))
 
 
-def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+def score(target: str, data: EvalDataRef, *, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - keyword-only: a measurement's settings, reference and output folder
           reference: dict[str, torch.Tensor] | None, out: Path) -> dict:
     """Measure one model and save its metrics (and, for a baseline, its reference log-probs)."""
     from safetensors.torch import save_file
@@ -155,7 +155,8 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         vocab = int(getattr(model.config.get_text_config(), "vocab_size", None) or 2**16)
         batch = max(1, min(cfg["batch_size"], LOGITS_BUDGET // (windows.shape[1] * vocab)))
         topk = 0 if baseline else cfg["kl_topk"]
-        metrics, saved = score_windows(model, windows, first, device, batch, reference, topk)
+        metrics, saved = score_windows(model, windows, first, device=device, batch_size=batch, reference=reference,
+                                       topk=topk)
         if saved:
             save_file(saved, str(out / REFERENCE_FILE))
         if cfg["speed"] is not None and cfg["speed"].enabled:

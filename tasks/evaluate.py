@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import task
 
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.gates import judge
 from quantmill.profile import Evaluation
@@ -28,15 +29,15 @@ def _data_inputs(inputs: dict) -> dict:
     return inputs
 
 
-EVAL_DATA_CACHE = StepCache(step="eval-data", code_version=CODE_VERSION, normalize=_data_inputs)
+EVAL_DATA_CACHE = StepCache(step="eval-data", code_version=CODE_VERSION, ignore=("device",), normalize=_data_inputs)
 
 
 @task(name="eval-data", retries=2, retry_condition_fn=retry_on_transient, cache_policy=EVAL_DATA_CACHE,
       persist_result=True)
-def eval_data(model: ModelRef, spec: Evaluation, store_root: str) -> EvalDataRef:
+def eval_data(model: ModelRef, spec: Evaluation, *, ctx: StepContext) -> EvalDataRef:
     """Tokenize held-out text into the windows every model is scored on."""
-    key = EVAL_DATA_CACHE.key_for({"model": model, "spec": spec})
-    art = ArtifactStore(store_root).get_or_build(key, lambda out: make_windows(model, spec, out))
+    key = EVAL_DATA_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
+    art = ArtifactStore(ctx.store_root).get_or_build(key, lambda out: make_windows(model, spec, out))
     r = art.record
     return EvalDataRef(
         path=str(art.path / TOKENS_FILE), digest=art.digest, window=r["window"], tokens=r["tokens"],
@@ -57,16 +58,15 @@ EVALUATE_CACHE = StepCache(step="evaluate", code_version=CODE_VERSION, normalize
 @task(name="evaluate", retries=1, retry_condition_fn=retry_on_transient, cache_policy=EVALUATE_CACHE,
       persist_result=True)
 def evaluate(
-    target: ModelRef | CheckpointRef, data: EvalDataRef, device: str, store_root: str,
+    target: ModelRef | CheckpointRef, data: EvalDataRef, *, ctx: StepContext,
     baseline: EvalRef | None = None, spec: Evaluation | None = None,
 ) -> EvalRef:
     """Score one model on the shared windows; with `baseline`, also KL/agreement against its saved log-probs."""
-    key = EVALUATE_CACHE.key_for({"target": target, "data": data, "device": device, "baseline": baseline, "spec": spec})
-    cfg = settings(spec)
-    reference = baseline_reference(baseline, data, store_root) if baseline is not None else None
-    art = ArtifactStore(store_root).get_or_build(
-        key, holding_gpu(device, lambda out: score(target.path, data, device, cfg, baseline, reference, out))
-    )
+    key = EVALUATE_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
+    cfg, device = settings(spec), ctx.device
+    reference = baseline_reference(baseline, data, ctx.store_root) if baseline is not None else None
+    art = ArtifactStore(ctx.store_root).get_or_build(key, holding_gpu(device, lambda out: score(
+        target.path, data, device=device, cfg=cfg, baseline=baseline, reference=reference, out=out)))
     is_variant = isinstance(target, CheckpointRef)
     return EvalRef(
         name=target.name if is_variant else "baseline",
@@ -77,6 +77,6 @@ def evaluate(
 
 
 @task(name="gate", cache_policy=StepCache(step="gate", code_version=CODE_VERSION, verifier=None), persist_result=True)
-def gate(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, spec: Evaluation) -> Verdict:
+def gate(ckpt: CheckpointRef, result: EvalRef, *, baseline: EvalRef, spec: Evaluation) -> Verdict:
     """Apply the quality gates to one variant."""
-    return judge(ckpt, result, baseline, spec)
+    return judge(ckpt, result, baseline=baseline, spec=spec)

@@ -26,11 +26,11 @@ CHILD = r"""
 import ctypes, gc, json, re, sys
 from pathlib import Path
 import psutil
+from quantmill.methods import QuantizeJob, get_method
+from quantmill.merging import merge_lora
+from quantmill.modelinfo import model_info
 from quantmill.profile import Merge
 from quantmill.recipes import Recipe
-from quantmill.merging import merge_lora
-from quantmill.tasks.quantize import QuantizeJob, get_method
-from quantmill.tasks.quantize.common import model_info
 
 def measure(fn):
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
