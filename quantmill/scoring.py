@@ -6,7 +6,7 @@ at the vocabulary size), so a variant's evaluation never loads the baseline mode
 (1 KiB at k=128) instead of 2·vocab bytes for fp16 log-probs (300 KiB for a 150k vocabulary). KL(baseline || variant)
 is summed over the baseline's top-k tokens plus one bucket holding the rest of the vocabulary: exact when k >= vocab,
 otherwise a lower bound of the full KL that misses only how the variant redistributes mass inside that tail.
-Sensitivity (quantize) shares `topk_kl` and the logits budget.
+Sensitivity (quantmill.quantize.sensitivity) shares `topk_kl`; the logits budget is quantmill.metrics'.
 """
 
 from __future__ import annotations
