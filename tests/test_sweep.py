@@ -172,7 +172,7 @@ def test_dask_runner_without_the_extra_names_it(monkeypatch):
 
     from quantmill.errors import QuantmillError
     from quantmill.flows.sweep import task_runner
-    from quantmill.profile import Sweep
+    from quantmill.recipes import Sweep
 
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # the `dask` extra not installed: import fails
     with pytest.raises(QuantmillError, match=r"^sweep\.runner\.kind: dask needs the `dask` extra: "
