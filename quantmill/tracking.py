@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import random
 import time
@@ -10,6 +9,7 @@ from typing import Any
 
 from quantmill import state
 from quantmill.errors import QuantmillError
+from quantmill.locks import file_lock
 from quantmill.metrics import ppl_delta_pct
 
 # Registry tag holding the serving digest of a version's checkpoint (layout 2: serving_digest; older versions:
@@ -28,16 +28,11 @@ def client():  # noqa: ANN201 - mlflow.MlflowClient
     mlflow.set_registry_uri(uri)  # one store for runs and registry (MLflow also exports both to os.environ)
     if not uri.startswith("sqlite:"):
         return mlflow.MlflowClient(uri, registry_uri=uri)
-    lock = state.home() / "locks" / "mlflow-db.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:  # two processes creating one SQLite store race in its migrations
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            c = mlflow.MlflowClient(uri, registry_uri=uri)
-            c.search_registered_models(max_results=1)  # initialise the registry store under the lock too
-            return c
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # two processes creating one SQLite store race in its migrations
+    with file_lock(state.home() / "locks" / "mlflow-db.lock"):
+        c = mlflow.MlflowClient(uri, registry_uri=uri)
+        c.search_registered_models(max_results=1)  # initialise the registry store under the lock too
+        return c
 
 
 def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: float = 0.5) -> None:
@@ -143,7 +138,7 @@ def variant_run(client: Any, parent: str, variant: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
+def child_run(client, parent: str, experiment: str, name: str, *, params: dict, tags: dict, metrics: dict | None = None) -> str:  # noqa: PLR0913,ANN001 - keyword-only: what the run logs; client is an MlflowClient
     """A finished child run under the pipeline's parent run."""
     from mlflow.entities import Metric, Param, RunTag
 
@@ -151,7 +146,7 @@ def child_run(client, parent: str, experiment: str, name: str, params: dict, tag
     now = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
         params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )

@@ -17,10 +17,12 @@ import psutil
 from prefect import task
 
 from quantmill import plan, state
+from quantmill.context import StepContext
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.inputs import local_input_problems
 from quantmill.methods.checks import check_recipe
-from quantmill.profile import Calibration, Evaluation, Profile, Recipe
+from quantmill.profile import Calibration, Evaluation, Profile
+from quantmill.recipes import Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
 
@@ -33,15 +35,16 @@ def free_bytes(path: Path) -> int:
 
 
 @task(name="preflight")
-def preflight(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None, *,
-    calibration: Calibration, evaluation: Evaluation,
+def preflight(
+    model: ModelRef, recipes: list[Recipe], *, optional: list[str] | None = None, calibration: Calibration,
+    evaluation: Evaluation, ctx: StepContext,
 ) -> dict[str, str]:
     """Fail before heavy work: recipes valid for this model/device, enough disk and memory.
 
     Recipes named in `optional` (those a sweep grid generated) are skipped when invalid for this model or
     device instead of failing the run; returns {skipped recipe: reason}.
     """
+    device, store_root = ctx.device, ctx.store_root
     skipped: dict[str, str] = {}
     valid = []
     for i, recipe in enumerate(recipes):
@@ -107,7 +110,8 @@ def check_texts(profile: Profile) -> None:
 
 def run_disk_needed(profile: Profile) -> int:
     """Bytes every step of the run writes (the plan's disk column: merged model, calibration, checkpoints)."""
-    from quantmill.plan import plan_profile, this_machine
+    from quantmill.machine import this_machine
+    from quantmill.plan import plan_profile
 
     machine = this_machine(profile.storage.root)
     return sum(row.disk for row in plan_profile(profile, machine) if row.step != "disk (all steps)")

@@ -56,8 +56,8 @@ def test_merge_read_names_a_file_that_ends_early(tmp_path, tiny, strategy):
     """Below the download check: the merge's own reads check every byte count (readinto's return was ignored)."""
     import shutil
 
+    from quantmill.merging import merge_lora
     from quantmill.profile import Merge
-    from quantmill.tasks.merge import merge_lora
 
     base = tmp_path / "base"
     shutil.copytree(tiny.model_dir, base)
@@ -177,7 +177,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
 
     from quantmill import state
     from quantmill.methods.registry import QuantizeJob, build_config
-    from quantmill.tasks.quantize.gptq import quantize_gptq
+    from quantmill.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
@@ -202,3 +202,19 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     assert seen[0].startswith("gptq: quantizing with 4 calibration samples"), seen
     assert not any("METHOD." in line for line in seen)
     assert offload and all(p.startswith(f"{scratch}/gptqmodel_") for p in offload), offload
+
+
+def test_every_tokenizer_file_the_check_accepts_is_downloaded_and_copied(tmp_path):
+    """The tokenizer check's files are among those download and merge take and quantize copies beside a checkpoint."""
+    from quantmill.integrity import TOKENIZER_SETS
+    from quantmill.models import META_PATTERNS, SIDE_FILES
+    from quantmill.quantize.common import copy_tokenizer
+
+    assert {name for files in TOKENIZER_SETS for name in files} <= set(SIDE_FILES)
+    assert set(META_PATTERNS) == {"config.json", *SIDE_FILES}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for name in (*META_PATTERNS, "model.safetensors", "README.md"):
+        (src / name).write_text(name)
+    copy_tokenizer(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(SIDE_FILES)

@@ -13,7 +13,7 @@ import pytest
 from quantmill.errors import QuantmillError
 from quantmill.flows.cli import main
 from quantmill.presets import available, resolve
-from quantmill.profile import Recipe
+from quantmill.recipes import Recipe
 from tests.conftest import subprocess_env
 
 NAMES = ["cpu-int8", "gpu-8bit", "gpu-4bit", "gptq-4bit", "awq-4bit", "sweep-small"]
@@ -46,8 +46,8 @@ def test_unknown_method_lists_methods_and_aliases():
 
 
 def test_alias_clash_refused_at_registration():
+    from quantmill.methods.base import GroupedConfig
     from quantmill.methods.registry import register_method
-    from quantmill.tasks.quantize.rtn import GroupedConfig
 
     class Clash(GroupedConfig):
         pass
@@ -56,7 +56,7 @@ def test_alias_clash_refused_at_registration():
         register_method("clash-test", Clash, aliases=("rtn",))(lambda c, j: None)
     with pytest.raises(ValueError, match="another method's alias"):
         register_method("clash-test", Clash, aliases=("dynamic",))(lambda c, j: None)
-    from quantmill.tasks.quantize import get_method
+    from quantmill.methods import get_method
 
     with pytest.raises(QuantmillError):
         get_method("clash-test")  # nothing was registered

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from quantmill.errors import ProfileError
-from quantmill.profile import load_profile
+from quantmill.profile_io import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def recipe_branches(schema: dict) -> dict[str, dict]:
 
 
 def test_schema_offers_every_registered_method_with_its_own_options():
-    from quantmill.tasks.quantize import known_methods
+    from quantmill.methods import known_methods
 
     schema = flow_schema()
     branches = recipe_branches(schema)

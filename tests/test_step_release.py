@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 RELEASE = r"""
 import gc, sys, weakref
-from quantmill.tasks.evaluate import load_model
+from quantmill.scoring import load_model
 assert "gptqmodel" not in sys.modules, "gptqmodel imported before the first GPTQ load: the test would prove nothing"
 
 def step(path):
@@ -54,7 +54,6 @@ def bf16_model(demo_assets, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_gptq_checkpoint_loaded_for_evaluation_is_freed_after_the_step(bf16_model, tmp_path):
-    import quantmill.tasks.quantize  # noqa: F401  (registers every method)
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     ckpt = tmp_path / "rtn"
@@ -70,14 +69,13 @@ def test_gptq_checkpoint_loaded_for_evaluation_is_freed_after_the_step(bf16_mode
 def test_rtn_on_a_bf16_base_loads_bf16_and_writes_what_an_fp32_load_writes(bf16_model, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import quantmill.tasks.quantize  # noqa: F401  (registers every method)
-    import quantmill.tasks.quantize.rtn as rtn
+    import quantmill.quantize.rtn as rtn
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     loaded: list[torch.dtype] = []
     real = rtn.load_fp_model
 
-    def spy(model_dir, device="cpu", dtype=None):  # noqa: ANN001, ANN202 - records what rtn asks for
+    def spy(model_dir, device="cpu", dtype=None):  # records what rtn asks for
         model = real(model_dir, device, dtype)
         loaded.append(next(model.parameters()).dtype)
         return model
