@@ -12,7 +12,8 @@ intermediate 1408, vocab 8000, ≈ 34 M). Tokenizer and texts come from the trai
   load + save, GPTQModel quantize + save, and a plain perplexity loop over the merged model and each variant.
 
 Prints the ratios and their goals: wall (pipeline cold / sum of the direct steps) ≤ 1.3, peak RSS (pipeline /
-largest direct step) ≤ 1.25, disk (state folder / (merged model + one copy of each checkpoint)) ≤ 1.1, plan error
+largest direct step, each the peak of its whole process tree: the command's RSS plus its descendants' private pages,
+the Prefect server included) ≤ 1.25, disk (state folder / (merged model + one copy of each checkpoint)) ≤ 1.1, plan error
 per step (|`quantmill plan` peak - measured step peak| / measured) ≤ 25 %, and cached rerun / cold (no goal).
 Exits 1 when a ratio misses its goal; the last line is the one-line summary.
 """
@@ -147,8 +148,11 @@ def env_for(home: Path) -> dict[str, str]:
     return {**env, "QUANTMILL_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
-def tree_rss(pid: int) -> dict[int, int]:
-    """{pid: RSS bytes} of process `pid` and all its descendants now (vanished processes skipped)."""
+def tree_memory(pid: int) -> dict[int, int]:
+    """{pid: bytes} of process `pid` (its RSS) and of each descendant (its USS: the pages only it holds), now.
+
+    A descendant's shared pages are the command's own (a fork shares the parent's pages until it writes them) or
+    libraries' files: counted once, in the command's RSS. Its private pages, all the work it does, are counted."""
     import psutil
 
     try:
@@ -159,14 +163,14 @@ def tree_rss(pid: int) -> dict[int, int]:
     out = {}
     for p in procs:
         try:
-            out[p.pid] = p.memory_info().rss
-        except psutil.NoSuchProcess:
+            out[p.pid] = p.memory_info().rss if p.pid == pid else p.memory_full_info().uss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return out
 
 
 def parts(main: int, rss: dict[int, int]) -> dict[str, int]:
-    """RSS by role: the command itself, the Prefect server (and its watchdog), step processes."""
+    """Memory by role: the command itself, the Prefect server (and its watchdog), other processes."""
     import psutil
 
     out: dict[str, int] = {}
@@ -176,15 +180,15 @@ def parts(main: int, rss: dict[int, int]) -> dict[str, int]:
         except psutil.NoSuchProcess:
             line = ""
         role = ("main" if pid == main else "prefect server" if "uvicorn" in line or "parent, server" in line
-                else "step processes")
+                else "other processes")
         out[role] = out.get(role, 0) + n
     return out
 
 
 def timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, dict[str, int], str]:
-    """(wall seconds, peaks, output) of one command; exits on failure. Peaks: `tree`, the largest sum of RSS over
-    the command's whole process tree (children: the Prefect server, step processes), sampled every 50 ms; `main`,
-    the command's own process (ru_maxrss via wait4 covers only the largest single process, never a sum)."""
+    """(wall seconds, peaks, output) of one command; exits on failure. Peaks: `tree`, the largest memory of the
+    command's whole process tree (its RSS + every descendant's USS: the Prefect server, forks, workers), sampled every
+    50 ms; `main`, the command's own peak RSS (ru_maxrss via wait4 covers only the largest single process)."""
     import threading
 
     start, peaks, done = time.perf_counter(), {"tree": 0, "main": 0, "parts": {}}, threading.Event()
@@ -193,7 +197,7 @@ def timed(cmd: list[str], env: dict[str, str], log: Path) -> tuple[float, dict[s
 
         def sample() -> None:
             while not done.wait(0.05):
-                now = tree_rss(proc.pid)
+                now = tree_memory(proc.pid)
                 if sum(now.values()) > peaks["tree"]:
                     peaks["tree"], peaks["parts"] = sum(now.values()), parts(proc.pid, now)
         sampler = threading.Thread(target=sample, daemon=True)
