@@ -13,10 +13,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, subprocess_env
 from tests.test_pipeline_e2e import step_states
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_profile(tmp_path: Path, assets, name: str) -> Path:

@@ -22,9 +22,8 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

@@ -29,8 +29,8 @@ from quantmill.tasks.evaluate import (
     topk_kl,
 )
 from quantmill.tasks.quantize import build_config
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
 
 

@@ -16,7 +16,6 @@ import yaml
 from quantmill import state
 from quantmill.flows.cli import main
 from quantmill.hashing import sha256_file
-from tests.conftest import model_cache
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,11 +27,8 @@ def prefect_ready():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from quantmill.demo import DemoSpec, build_demo_assets
-
-    return build_demo_assets(model_cache(), arch="llama", with_adapter=True,
-                             spec=DemoSpec(steps=4, lora_steps=2, batch_size=4), quiet=True)
+def tiny(tiny_assets):
+    return tiny_assets
 
 
 def registry(name: str) -> list[tuple[str, str, str]]:

@@ -18,9 +18,8 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("rtn", "gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 RECIPES = [{"method": "rtn", "bits": 4, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 128},
            {"method": "awq", "bits": 4, "group_size": 128}, {"method": "bnb-int8"}, {"method": "bnb-nf4"},

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from quantmill.hashing import hash_tree
-from tests.conftest import model_cache, subprocess_env
+from tests.conftest import REPO, model_cache, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
 
 

@@ -27,8 +27,8 @@ from quantmill.plan import (
     targeted,
 )
 from quantmill.profile import load_profile
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # One fresh process measures each step in turn: the step's peak is VmHWM (reset just before) minus the RSS before.
 CHILD = r"""
 import ctypes, gc, json, re, sys

@@ -11,8 +11,7 @@ import yaml
 
 from quantmill.errors import ProfileError
 from quantmill.profile import load_profile
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def base_profile(tmp_path: Path) -> dict:
