@@ -6,8 +6,11 @@ import contextlib
 import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -158,13 +161,15 @@ def warm_store(demo_assets, tmp_path_factory):
     those of a first run), but the store hands the merge, calibration and baseline back instead of rebuilding
     them. Tests of those steps themselves, of caching or of a first run's console use an empty store.
     """
+    from prefect import flow
+
     from quantmill.flows.pipeline import prepare
     from quantmill.profile import parse_profile
 
     template = tmp_path_factory.mktemp("warm-store")
     profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
                                          storage={"root": str(template)}))
-    prepare(profile)
+    flow(name="warm-store")(lambda: prepare(profile) and None)()  # the quantize flow's shared steps, in this process
     objects = sorted(p for p in (template / "objects").iterdir() if p.name.rsplit("-", 1)[0] in WARM_STEPS)
     assert [p.name.rsplit("-", 1)[0] for p in objects].count("evaluate") == 1, objects  # the baseline alone
 
@@ -174,3 +179,39 @@ def warm_store(demo_assets, tmp_path_factory):
         return root
 
     return seed
+
+
+# `quantmill demo` with the demo's own recipes plus GPTQ (the method whose library prints the most).
+DEMO_RECIPES = ("recipes=[{method: rtn, bits: 8, group_size: 64}, {method: bnb-int8}, {method: bnb-nf4}, "
+                "{method: dynamic-int8}, {method: gptq, bits: 4, group_size: 64}]")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One `quantmill demo` process: its state folder, working directory, environment and output."""
+
+    home: Path
+    cwd: Path
+    env: dict[str, str]
+    out: subprocess.CompletedProcess
+
+
+def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
+    """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
+    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
+    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    return DemoRun(home, cwd, env, out)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_assets) -> DemoRun:
+    """The first `quantmill demo` (+ GPTQ) a user runs: an empty working directory, a fresh state folder elsewhere.
+    Shared by the console tests and the pipeline's end-to-end test (one cold run, each checks its part)."""
+    return demo_cli(tmp_path_factory.mktemp("demo-home"), tmp_path_factory.mktemp("demo-cwd"), "--set", DEMO_RECIPES)
+
+
+@pytest.fixture(scope="session")
+def demo_rerun(demo_run) -> DemoRun:
+    """The same demo again, verbose (-v), in the same folders: every step comes from the cache."""
+    return demo_cli(demo_run.home, demo_run.cwd, "-v", "--set", DEMO_RECIPES)
