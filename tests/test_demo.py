@@ -52,7 +52,7 @@ def test_files_exist(name: str, request: pytest.FixtureRequest) -> None:
     assets: DemoAssets = request.getfixturevalue(name)
     for f in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
         assert (assets.model_dir / f).is_file(), f
-    assert assets.adapter_dir is not None
+    assert assets.adapter_dir == assets.root / "adapter"
     for f in ["adapter_config.json", "adapter_model.safetensors"]:
         assert (assets.adapter_dir / f).is_file(), f
     for p in (assets.train_path, assets.calib_path, assets.eval_path):
