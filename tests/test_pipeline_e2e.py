@@ -85,11 +85,14 @@ def test_demo_registers_variants_then_reruns_cached(demo_run, demo_rerun, demo_a
         assert states.get(step) == "Cached", (step, states)
     assert len(client.search_model_versions("name='quantmill-demo'")) == len(versions)
 
-    third = run_cli(home, "demo", "--set", "evaluation.max_tokens=4096")
+    # More evaluation tokens for one of the recipes (speed not measured: the evaluation recomputes either way).
+    third = run_cli(home, "demo", "--set", "evaluation.max_tokens=4096", "--set", "evaluation.speed=null",
+                    "--set", "recipes=[{method: rtn, bits: 8, group_size: 64}]")
     pairs = step_states(third.stdout)
     states = {}
     for name, st in pairs:
         states.setdefault(name, set()).add(st)
     for step in ("download", "merge", "calibrate", "quantize"):
         assert states[step] == {"Cached"}, (step, pairs)
-    assert states["eval-data"] == {"Completed"} and "Completed" in states["evaluate"], pairs
+    assert states["eval-data"] == {"Completed"} and states["evaluate"] == {"Completed"}, pairs
+    assert [name for name, _ in pairs].count("evaluate") == 2, pairs  # the baseline and the one variant
