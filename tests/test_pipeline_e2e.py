@@ -13,7 +13,8 @@ from quantmill.hashing import hash_tree
 from tests.conftest import REPO, model_cache, subprocess_env
 
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
-PASSED = sorted(["rtn", "bnb-int8", "bnb-nf4", "dynamic-int8", "gptq"])  # the demo's recipes + GPTQ that pass the gate
+BITS = {"rtn": "8", "bnb-int8": "8", "bnb-nf4": "4", "dynamic-int8": "8", "gptq": "4"}  # the demo's recipes + GPTQ
+PASSED = sorted(BITS)  # every one of them passes its gate
 
 
 def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -59,7 +60,7 @@ def test_demo_registers_variants_then_reruns_cached(demo_run, demo_rerun, demo_a
         assert t["base_sha256"] == base_sha and t["adapter_sha256"] == adapter_sha
         assert t["merged_sha256"] and t["merged_sha256"] != base_sha
         assert len(t["calibration_digest"]) == (64 if t["calibration_used"] == "true" else 0)
-        assert t["bits"] in {"4", "8"}
+        assert t["bits"] == BITS[t["method"]]
         delta = 100 * (float(t["perplexity"]) / float(t["baseline_perplexity"]) - 1)
         assert abs(delta - float(t["ppl_delta_pct"])) < 1e-3
         assert float(t["ppl_delta_pct"]) <= 5.0
