@@ -161,15 +161,13 @@ def warm_store(demo_assets, tmp_path_factory):
     those of a first run), but the store hands the merge, calibration and baseline back instead of rebuilding
     them. Tests of those steps themselves, of caching or of a first run's console use an empty store.
     """
-    from prefect import flow
-
     from quantmill.flows.pipeline import prepare
     from quantmill.profile import parse_profile
 
     template = tmp_path_factory.mktemp("warm-store")
     profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
                                          storage={"root": str(template)}))
-    flow(name="warm-store")(lambda: prepare(profile) and None)()  # the quantize flow's shared steps, in this process
+    prepare(profile)  # the quantize flow's shared steps, as tasks in this process
     objects = sorted(p for p in (template / "objects").iterdir() if p.name.rsplit("-", 1)[0] in WARM_STEPS)
     assert [p.name.rsplit("-", 1)[0] for p in objects].count("evaluate") == 1, objects  # the baseline alone
 
