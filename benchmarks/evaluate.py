@@ -67,6 +67,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from quantmill.context import StepContext
     from quantmill.demo import build_demo_assets
     from quantmill.profile import Evaluation
     from quantmill.refs import CheckpointRef, ModelRef
@@ -78,13 +79,13 @@ def main() -> int:
                      summary={"max_position_embeddings": 512})
     spec = Evaluation(source={"path": str(assets.eval_path)}, max_tokens=args.max_tokens, window=args.window,
                       speed=None)
-    data = eval_data.fn(model, spec, str(home / "store"))
+    data = eval_data.fn(model, spec, ctx=StepContext(store_root=str(home / "store")))
     windows, _ = load_windows(data.path)
     stores: list[str] = []
 
     def quantmill_baseline():
         stores.append(str(home / f"store-{len(stores)}"))  # a fresh store: scores instead of hitting the cache
-        return evaluate.fn(model, data, "cpu", stores[-1], spec=spec)
+        return evaluate.fn(model, data, ctx=StepContext(store_root=stores[-1]), spec=spec)
 
     base = quantmill_baseline()
     store = stores[-1]
@@ -92,7 +93,7 @@ def main() -> int:
                                base_sha256="bench", calib_digest=None, store_key="same")
 
     def quantmill_variant():
-        key = evaluate.fn(as_variant, data, "cpu", store, baseline=base, spec=spec).store_key
+        key = evaluate.fn(as_variant, data, ctx=StepContext(store_root=store), baseline=base, spec=spec).store_key
         shutil.rmtree(Path(store) / "objects" / key)  # next round scores again instead of hitting the store
         return key
 

@@ -99,14 +99,14 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
     import resource
 
     import psutil
-    import safetensors.torch  # noqa: F401
+    import safetensors.torch  # noqa: F401 - loaded before the baseline, like torch
     import torch
 
     if mode == "peft":
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
+        import peft  # noqa: F401 - the reference's libraries load before the baseline
+        import transformers  # noqa: F401 - the reference's libraries load before the baseline
     else:
-        import quantmill.tasks.merge  # noqa: F401
+        import quantmill.tasks.merge  # noqa: F401 - the step's modules load before the baseline
         from quantmill.plan import this_machine
 
         this_machine()  # first-use costs (yaml, psutil, torch's thread pool) are not the merge's memory

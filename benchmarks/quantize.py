@@ -37,10 +37,9 @@ def child(method: str, model_dir: Path, calib: Path, windows_path: Path, out: Pa
 
     for name in ("torch", "transformers", "gptqmodel", "bitsandbytes", "torchao"):  # same baseline for every row
         importlib.import_module(name)
-    import quantmill.tasks.quantize  # noqa: F401 - registers the methods
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
+    from quantmill.quantize.common import checkpoint_size, load_fp_model
     from quantmill.tasks.evaluate import load_model, load_windows, score_windows
-    from quantmill.tasks.quantize.common import checkpoint_size, load_fp_model
 
     base, start = status_bytes("VmRSS"), time.perf_counter()
     if method == REFERENCE:
@@ -97,13 +96,14 @@ def main() -> int:
     from quantmill import state
 
     state.configure_environment()
+    from quantmill.context import StepContext
     from quantmill.demo import build_demo_assets
     from quantmill.errors import QuantmillError
+    from quantmill.methods import get_method, known_methods
     from quantmill.profile import Calibration, Evaluation
     from quantmill.refs import ModelRef
     from quantmill.tasks.calibrate import calibrate
     from quantmill.tasks.evaluate import eval_data
-    from quantmill.tasks.quantize import get_method, known_methods
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or known_methods()
     try:
@@ -117,9 +117,9 @@ def main() -> int:
                      summary={"max_position_embeddings": 512})
     store = str(home / "store")
     data = eval_data.fn(model, Evaluation(source={"path": str(assets.eval_path)}, max_tokens=args.max_tokens,
-                                          window=128, speed=None), store)
+                                          window=128, speed=None), ctx=StepContext(store_root=store))
     calib = calibrate.fn(model, Calibration(source={"path": str(assets.calib_path)}, num_samples=args.calib_samples,
-                                            seq_len=128), store)
+                                            seq_len=128), ctx=StepContext(store_root=store))
     rows = {}
     for name in [REFERENCE, *methods]:
         rows[name] = run_child(name, assets.model_dir, Path(calib.path), Path(data.path), home / "out" / name)

@@ -49,8 +49,8 @@ def print_summary(summary: Any, states: list[tuple[str, str]], seconds: float) -
     from quantmill.report import build_report, rich_table
 
     out = console()
-    report = build_report(summary.rows, summary.baseline, summary.model_name, summary.run_id, notes=summary.notes,
-                          evaluation=summary.evaluation)
+    report = build_report(summary.rows, baseline=summary.baseline, model_name=summary.model_name,
+                          run_id=summary.run_id, notes=summary.notes, evaluation=summary.evaluation)
     out.print(rich_table(report))
     if states:
         cached = sum(1 for _, s in states if s == "Cached")

@@ -6,24 +6,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from pydantic import BaseModel, ConfigDict
 
+from quantmill.context import StepContext
+from quantmill.devices import pick_device
 from quantmill.flows.hooks import step_hooks
 from quantmill.memory import give_back
 from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Profile, Recipe
-from quantmill.refs import CalibRef, EvalDataRef, EvalRef, ModelRef
+from quantmill.refs import EvalRef, Lineage, Variant
 from quantmill.tasks.calibrate import calibrate
 from quantmill.tasks.download import download
 from quantmill.tasks.evaluate import eval_data, evaluate, gate
 from quantmill.tasks.merge import merge
 from quantmill.tasks.preflight import check_inputs, preflight
 from quantmill.tasks.quantize import quantize
-from quantmill.tasks.quantize.common import pick_device
 from quantmill.tasks.register import promote, register
 from quantmill.tasks.report import publish_report
 from quantmill.tasks.track import RUN_HOOKS, log_lineage, log_results, start_run
@@ -48,19 +49,24 @@ class Shared(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    run_id: str
-    device: str
-    base: ModelRef
-    model: ModelRef
-    calib: CalibRef
-    data: EvalDataRef
-    baseline: EvalRef
+    ctx: StepContext  # the store, the device and the MLflow run every step uses
+    lineage: Lineage  # base, merged model, calibration, eval windows, baseline
     recipes: list[Recipe]  # those that fit this model and device
     skipped: list[str]  # grid recipes that did not, one line each
 
 
-def summary_row(ckpt, result, baseline, verdict, version) -> dict[str, Any]:  # noqa: ANN001
+class Chain(NamedTuple):
+    """One variant's submitted steps: futures of its Variant's fields."""
+
+    ckpt: PrefectFuture
+    result: PrefectFuture
+    verdict: PrefectFuture
+    version: PrefectFuture
+
+
+def summary_row(variant: Variant, baseline: EvalRef) -> dict[str, Any]:
     """One line of the comparison table."""
+    ckpt, result, verdict, version = variant.ckpt, variant.result, variant.verdict, variant.version
     ppl, base = result.metrics["perplexity"], baseline.metrics["perplexity"]
     return {
         "variant": ckpt.name, "method": ckpt.method, "bits": ckpt.config.get("bits", ckpt.extra.get("bits")),
@@ -80,63 +86,63 @@ def prepare(profile: Profile, peaks: dict[str, int] | None = None) -> Shared:
     recipes, skipped = profile.all_recipes()
     grid = [r.name for r in recipes[len(profile.recipes):]]
     check_inputs(profile)  # local inputs, writable folders, text lengths, disk: before download/merge and the MLflow run
-    run_id = start_run(profile)
-    base = download.with_options(**step_hooks("download", peaks))(profile.model, store)
-    model = merge.with_options(**step_hooks("merge", peaks))(base, profile.adapter, store, profile.merge)
-    misfits = preflight(model, recipes, device, store, optional=grid, calibration=profile.calibration,
-                        evaluation=profile.evaluation)
+    ctx = StepContext(store_root=store, device=device, run_id=start_run(profile))
+    base = download.with_options(**step_hooks("download", peaks))(profile.model, ctx=ctx)
+    model = merge.with_options(**step_hooks("merge", peaks))(base, profile.adapter, spec=profile.merge, ctx=ctx)
+    misfits = preflight(model, recipes, optional=grid, calibration=profile.calibration,
+                        evaluation=profile.evaluation, ctx=ctx)
     recipes = [r for r in recipes if r.name not in misfits]
-    calib = calibrate.with_options(**step_hooks("calibrate", peaks))(model, profile.calibration, store)
-    data = eval_data(model, profile.evaluation, store)
-    baseline = evaluate.with_options(**step_hooks("evaluate/baseline", peaks))(model, data, device, store,
+    calib = calibrate.with_options(**step_hooks("calibrate", peaks))(model, profile.calibration, ctx=ctx)
+    data = eval_data(model, profile.evaluation, ctx=ctx)
+    baseline = evaluate.with_options(**step_hooks("evaluate/baseline", peaks))(model, data, ctx=ctx,
                                                                               spec=profile.evaluation)
-    return Shared(run_id=run_id, device=device, base=base, model=model, calib=calib, data=data, baseline=baseline,
-                  recipes=recipes, skipped=skipped + [f"{name}: {why}" for name, why in misfits.items()])
+    lineage = Lineage(base=base, model=model, calib=calib, data=data, baseline=baseline)
+    return Shared(ctx=ctx, lineage=lineage, recipes=recipes,
+                  skipped=skipped + [f"{name}: {why}" for name, why in misfits.items()])
 
 
 def variants(profile: Profile, shared: Shared, recipes: list[Recipe],
-             peaks: dict[str, int] | None = None) -> list[dict[str, PrefectFuture]]:
+             peaks: dict[str, int] | None = None) -> list[Chain]:
     """Submit each recipe's quantize -> evaluate -> gate -> register chain to the flow's task runner.
 
     Stage by stage (every quantize first), so a thread pool starts the heavy steps before any task
     waits on its upstream; a Dask runner hands the dependencies to its scheduler either way.
     """
-    s, store = shared, profile.storage.root
+    ctx, lin = shared.ctx, shared.lineage
     # Each heavy step logs its peak RSS and gives its memory back when it ends (threads of a sweep included).
-    ckpts = [quantize.with_options(**step_hooks(f"quantize/{r.name}", peaks)).submit(s.model, r, s.calib, s.device, store)
+    ckpts = [quantize.with_options(**step_hooks(f"quantize/{r.name}", peaks)).submit(lin.model, r, calib=lin.calib, ctx=ctx)
              for r in recipes]
     results = [evaluate.with_options(**step_hooks(f"evaluate/{r.name}", peaks)).submit(
-        c, s.data, s.device, store, baseline=s.baseline, spec=profile.evaluation) for r, c in zip(recipes, ckpts)]
-    verdicts = [gate.submit(c, r, s.baseline, profile.evaluation) for c, r in zip(ckpts, results)]
+        c, lin.data, ctx=ctx, baseline=lin.baseline, spec=profile.evaluation) for r, c in zip(recipes, ckpts)]
+    verdicts = [gate.submit(c, r, baseline=lin.baseline, spec=profile.evaluation) for c, r in zip(ckpts, results)]
     versions = [
-        register.submit(c, r, v, s.baseline, s.base, s.model, s.calib, profile.registry, s.run_id)
+        register.submit(c, r, v, lineage=lin, registry=profile.registry, ctx=ctx)
         for c, r, v in zip(ckpts, results, verdicts)
     ]
-    keys = ("ckpt", "result", "verdict", "version")
-    return [dict(zip(keys, chain)) for chain in zip(ckpts, results, verdicts, versions)]
+    return [Chain(*chain) for chain in zip(ckpts, results, verdicts, versions)]
 
 
-def finish(profile: Profile, shared: Shared, variants: list[dict[str, Any]], failed: list[str] = (),
+def finish(profile: Profile, shared: Shared, variants: list[Variant], *, failed: list[str] = (),
            rss_bytes: dict[str, int] | None = None, peak_bytes: dict[str, int] | None = None) -> RunSummary:
     """Move aliases once, log lineage and the comparison report (with skipped/failed recipes), summarise."""
-    s = shared
-    rows = [summary_row(v["ckpt"], v["result"], s.baseline, v["verdict"], v["version"]) for v in variants]
+    s, lin, run_id = shared, shared.lineage, shared.ctx.run_id
+    rows = [summary_row(v, lin.baseline) for v in variants]
     aliases = promote(profile.registry)
-    log_lineage(s.run_id, s.base, s.model, s.calib, s.data, s.baseline, variants)
+    log_lineage(lin, variants, ctx=s.ctx)
     notes = [f"skipped (sweep.grid): {line}" for line in s.skipped] + [f"failed: {line}" for line in failed]
-    publish_report(s.run_id, rows, s.baseline.metrics, profile.registry.model_name, s.device, notes,
-                   evaluation=s.data.description())
-    log_results(s.run_id, rows)
+    publish_report(rows, baseline=lin.baseline.metrics, model_name=profile.registry.model_name, notes=notes,
+                   evaluation=lin.data.description(), ctx=s.ctx)
+    log_results(run_id, rows)
     return RunSummary(
-        run_id=s.run_id, model_name=profile.registry.model_name, baseline=s.baseline.metrics, rows=rows,
-        aliases=aliases, notes=notes, evaluation=s.data.description(), rss_bytes=rss_bytes or {},
+        run_id=run_id, model_name=profile.registry.model_name, baseline=lin.baseline.metrics, rows=rows,
+        aliases=aliases, notes=notes, evaluation=lin.data.description(), rss_bytes=rss_bytes or {},
         peak_bytes=peak_bytes or {},
     )
 
 
-def resolved(futures: dict[str, PrefectFuture]) -> dict[str, Any]:
+def resolved(chain: Chain) -> Variant:
     """Wait for one variant's chain and return its results (raises the first failure)."""
-    return {k: f.result() for k, f in futures.items()}
+    return Variant(**{field: future.result() for field, future in chain._asdict().items()})
 
 
 @flow(name="quantize", log_prints=True, **RUN_HOOKS)  # the MLflow run ends FAILED/KILLED with the flow

@@ -7,12 +7,21 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from quantmill.errors import QuantmillError
 from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.memory import give_back
 from quantmill.profile import Profile, Sweep
+from quantmill.refs import Variant
 from quantmill.tasks.track import RUN_HOOKS
+
+
+class Failed(BaseModel):
+    """A variant whose chain raised: its recipe and the first line of the error."""
+
+    name: str
+    error: str
 
 
 def api_url() -> str:
@@ -47,7 +56,7 @@ def task_runner(spec: Sweep.Runner) -> TaskRunner:
 
 
 @flow(name="sweep-variants", log_prints=True)
-def fan_out(profile: Profile, shared: Shared) -> list[dict[str, Any]]:
+def fan_out(profile: Profile, shared: Shared) -> list[Variant | Failed]:
     """Submit every recipe's chain at once; return each variant's results, or its error."""
     out = []
     for recipe, chain in zip(shared.recipes, variants(profile, shared, shared.recipes)):
@@ -55,7 +64,7 @@ def fan_out(profile: Profile, shared: Shared) -> list[dict[str, Any]]:
             out.append(resolved(chain))
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
             get_run_logger().error("variant %s failed: %s", recipe.name, exc)
-            out.append({"name": recipe.name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
+            out.append(Failed(name=recipe.name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500]))
         get_run_logger().info("memory: process RSS %.0f MiB after %s", give_back() / 2**20, recipe.name)
     return out
 
@@ -71,10 +80,10 @@ def sweep(profile: Profile) -> RunSummary:
         log.warning("sweep.grid: skipped %s", line)
     log.info("sweep of %d recipes on %s", len(shared.recipes), spec.address or f"{spec.kind} x{spec.max_workers}")
     results = fan_out.with_options(task_runner=runner)(profile, shared)
-    failed = [r for r in results if "error" in r]
-    summary = finish(profile, shared, [r for r in results if "error" not in r],
-                     failed=[f"{r['name']}: {r['error']}" for r in failed])
+    failed = [r for r in results if isinstance(r, Failed)]
+    summary = finish(profile, shared, [r for r in results if isinstance(r, Variant)],
+                     failed=[f"{r.name}: {r.error}" for r in failed])
     if failed:
         raise QuantmillError(f"sweep: {len(failed)} of {len(results)} variants failed: "
-                             + "; ".join(f"{r['name']} ({r['error']})" for r in failed))
+                             + "; ".join(f"{r.name} ({r.error})" for r in failed))
     return summary

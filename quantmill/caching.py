@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from quantmill import refresh
+from quantmill.context import StepContext
 from quantmill.hashing import sha256_file
 from quantmill.refs import Ref
-from quantmill.store import ArtifactStore, artifact_key
+from quantmill.store import ArtifactStore, artifact_key, note_inputs
 
 log = logging.getLogger("quantmill.cache")
 
@@ -26,7 +29,9 @@ def dir_fingerprint(root: Path) -> list[tuple[str, int, int]]:
 
 
 def fingerprint(value: Any) -> Any:
-    """What a cache key sees of a task input: content hashes, never bare paths."""
+    """What a cache key sees of a task input: content hashes, never bare paths (nor a context's store or run)."""
+    if isinstance(value, StepContext):
+        return value.keyed()
     if isinstance(value, Ref):
         return value.identity()
     if isinstance(value, BaseModel):
@@ -44,17 +49,61 @@ def fingerprint(value: Any) -> Any:
     return value
 
 
-def step_key(step: str, code_version: str, inputs: dict[str, Any], exclude: tuple[str, ...] = ()) -> str:
-    """Store and cache key of one step run."""
-    parts = {k: fingerprint(v) for k, v in sorted(inputs.items()) if k not in exclude}
+def path_content(value: str | Path | None) -> Any:
+    """What a key sees of a path argument: its file's sha256 or its folder's fingerprint (not the path string)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return {"sha256": sha256_file(path)}
+    if path.is_dir():
+        return {"fingerprint": dir_fingerprint(path)}
+    return {"missing": str(path)}
+
+
+def bound_arguments(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A call's arguments by parameter name, defaults included: what Prefect hands a cache policy as `inputs`."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def key_inputs(inputs: Mapping[str, Any], ignore: tuple[str, ...] = (), content: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A step's bound arguments as its key sees them: every one, unless named in `ignore`.
+
+    A StepContext is spread into its keyed fields (the device; never the store root or run id), which `ignore`
+    may name too; the arguments named in `content` are paths, keyed by their files' content.
+    """
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, StepContext):
+            clash = set(value.keyed()) & set(inputs)
+            if clash:
+                raise TypeError(f"parameter {sorted(clash)[0]!r} shadows the StepContext field of the same name")
+            out.update(value.keyed())
+        else:
+            out[name] = path_content(value) if name in content else value
+    return {k: v for k, v in out.items() if k not in ignore}
+
+
+def step_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
+    """Store and cache key of one step run (inputs as key_inputs returns them)."""
+    parts = {k: fingerprint(v) for k, v in sorted(inputs.items())}
     return artifact_key(step, code=code_version, inputs=parts)
+
+
+def noted_key(step: str, code_version: str, inputs: dict[str, Any]) -> str:
+    """step_key, with the inputs' store keys noted beside it (what --refresh of an upstream step follows)."""
+    key = step_key(step, code_version, inputs)
+    note_inputs(key, refresh.input_keys(inputs))
+    return key
 
 
 Verifier = Callable[[str, dict[str, Any]], str | None]
 
 
 def verify_in_store(key: str, inputs: dict[str, Any]) -> str | None:
-    """Default verifier: the step's artifact is intact in the store named by `store_root`."""
-    return ArtifactStore(inputs["store_root"]).verify(key)
+    """Default verifier: the step's artifact is intact in the store of the step's context (`ctx`)."""
+    return ArtifactStore(inputs["ctx"].store_root).verify(key)
 
 

@@ -210,8 +210,8 @@ def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def _train_loop(  # noqa: PLR0913 - one training run's settings; private, called twice
-    model: PreTrainedModel, ids: torch.Tensor, spec: DemoSpec, steps: int, lr: float, seed: int, desc: str, quiet: bool,
+def _train_loop(  # noqa: PLR0913 - keyword-only: one training run's settings
+    model: PreTrainedModel, ids: torch.Tensor, spec: DemoSpec, *, steps: int, lr: float, seed: int, desc: str, quiet: bool,
 ) -> float:
     """Train `model` on random windows of `ids` with AdamW + warmup/cosine; return the final loss."""
     from tqdm.auto import tqdm
@@ -280,7 +280,8 @@ def _train_model(arch: str, spec: DemoSpec, tokenizer: PreTrainedTokenizerFast, 
     config = make_config(arch, spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _train_loop(model, _token_ids(tokenizer, train_text), spec, spec.steps, spec.lr, spec.seed + 1, f"train {arch}", quiet)
+    _train_loop(model, _token_ids(tokenizer, train_text), spec, steps=spec.steps, lr=spec.lr, seed=spec.seed + 1,
+                desc=f"train {arch}", quiet=quiet)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64,
@@ -303,7 +304,8 @@ def _train_adapter(model_dir: Path, final_model_dir: Path, spec: DemoSpec, out_d
     torch.manual_seed(spec.seed + 2)
     peft_model = get_peft_model(model, lora)
     ids = _token_ids(tokenizer, _join_topics(demo_topic_keys()["adapter"]))
-    _train_loop(peft_model, ids, spec, spec.lora_steps, spec.lora_lr, spec.seed + 3, "train LoRA", quiet)
+    _train_loop(peft_model, ids, spec, steps=spec.lora_steps, lr=spec.lora_lr, seed=spec.seed + 3, desc="train LoRA",
+                quiet=quiet)
     peft_model.peft_config["default"].base_model_name_or_path = str(final_model_dir)
     peft_model.save_pretrained(out_dir, save_embedding_layers=False)
 

@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from quantmill.hashing import manifest_digest, sha256_file, stable_hash
 from quantmill.methods import fact_table
+from quantmill.models import TOKENIZER_FILES
 
 PYFUNC_MODULE = "quantmill_pyfunc"
 LAYOUT = "2"  # tag `quantmill.layout`; versions without it were written as bare checkpoint folders
@@ -38,10 +39,6 @@ PACKAGING = frozenset({
 })
 # JSON keys that record where a model was loaded from: replaced by the base label when published, ignored by identity.
 NAME_KEYS = frozenset({"_name_or_path", "name_or_path", "model_name_or_path", "base_model_name_or_path"})
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 BASE_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "accelerate", "pandas")
 # What a method's checkpoint needs at load time, besides BASE_REQUIREMENTS.
 METHOD_REQUIREMENTS: dict[str, tuple[str, ...]] = fact_table("requirements")  # registered with each method
@@ -210,7 +207,7 @@ def _write_mlmodel(dest: Path, *, method: str, label: str, run_id: str, model_id
     model.save(str(dest / "MLmodel"))
 
 
-def stage_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+def stage_version(  # noqa: PLR0913 - keyword-only: what a version's folder holds
     ckpt_dir: Path, dest: Path, *, method: str, label: str, card: str, sidecar: dict[str, Any], run_id: str,
     model_id: str,
 ) -> Path:

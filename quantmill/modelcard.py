@@ -8,7 +8,7 @@ from typing import Any
 from quantmill import __version__
 from quantmill.methods import fact_table
 from quantmill.metrics import ppl_delta_pct
-from quantmill.refs import CheckpointRef, EvalRef, ModelRef
+from quantmill.refs import CheckpointRef, EvalRef, Lineage
 
 LOADERS: dict[str, tuple[str | None, str]] = fact_table("loader")  # vLLM quantization=, pip line (MethodFacts)
 
@@ -47,12 +47,12 @@ def _evaluation_text(result: EvalRef) -> str:
     return f"{text[0].upper()}{text[1:]}." if text else ""
 
 
-def render(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    model_name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef,
-    calib_source: str | None,
-) -> str:
+def render(model_name: str, ckpt: CheckpointRef, result: EvalRef, *, lineage: Lineage) -> str:
     """Markdown model card: lineage, method, evaluation, and how to load it."""
     from quantmill.mlmodel import public_label
+
+    baseline, base, model = lineage.baseline, lineage.base, lineage.model
+    calib_source = lineage.calib.source if lineage.calib else None
 
     label = public_label(base.source)
     vllm_q, extra_pip = LOADERS.get(ckpt.method, (None, ""))
@@ -66,9 +66,9 @@ def render(  # noqa: PLR0913 - positional plumbing; the typed step records of is
         calibration = f"Calibration data: {public_label(calib_source or 'unknown')} (digest `{ckpt.calib_digest}`)."
     else:
         calibration = "Calibration data: none (this method does not use any)."
-    lineage = [("base model", f"{label} (revision `{base.revision or 'local'}`)"), ("base_sha256", f"`{base.sha256}`")]
+    origin = [("base model", f"{label} (revision `{base.revision or 'local'}`)"), ("base_sha256", f"`{base.sha256}`")]
     if model.merged:
-        lineage += [("adapter_sha256", f"`{model.adapter_sha256}`"), ("merged_sha256", f"`{model.sha256}`")]
+        origin += [("adapter_sha256", f"`{model.adapter_sha256}`"), ("merged_sha256", f"`{model.sha256}`")]
     gguf_file = ckpt.extra.get("gguf_file")  # a GGUF export: transformers' GGUF loader, and llama.cpp instead of vLLM
     load_kw = f', gguf_file="{gguf_file}"' if gguf_file else ""
     vllm = f'```python\nfrom vllm import LLM\nllm = LLM(model="path/to/this/folder"{vllm_arg})\n```'
@@ -84,7 +84,7 @@ base_model: {label}
 Quantized with quantmill {__version__} from **{label}**
 {"with a LoRA adapter merged in" if model.merged else "without an adapter"}.
 
-{_table(lineage)}
+{_table(origin)}
 
 ## Method
 

@@ -20,13 +20,19 @@ def target_linears(model: nn.Module, keep: tuple[str, ...] = DEFAULT_KEEP) -> di
     }
 
 
-def model_info(model_dir: Path) -> ModelInfo:
-    """Architecture and linear in_features, from config.json alone (meta device, no weights)."""
+def meta_model(model_dir: Path) -> nn.Module:
+    """The causal LM built from config.json alone on the meta device (module tree and shapes, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def model_info(model_dir: Path) -> ModelInfo:
+    """Architecture and linear in_features, from config.json alone (meta device, no weights)."""
+    model = meta_model(model_dir)
+    config = model.config
     targets = target_linears(model)
     saved = model.state_dict().keys()  # persistent buffers; tied weights are saved once (named_parameters dedups)
     tensors = dict(model.named_parameters()) | {n: b for n, b in model.named_buffers() if n in saved}

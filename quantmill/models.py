@@ -10,18 +10,23 @@ from typing import Any
 from quantmill.errors import QuantmillError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-META_PATTERNS = (
-    "config.json",
-    "generation_config.json",
+# Tokenizer files (the MLflow model's tokenizer component); a checkpoint carries them and generation_config.json
+# beside its config and weights (SIDE_FILES: what quantize copies); META_PATTERNS: what download and merge take.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
-    "added_tokens.json",
     "chat_template.jinja",
+    "chat_template.json",
+    "tiktoken.model",
 )
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
+META_PATTERNS = ("config.json", *SIDE_FILES)
 
 
 def safetensors_params(path: Path) -> int:

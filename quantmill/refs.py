@@ -100,3 +100,26 @@ class EvalDataRef(Ref):
         """What a perplexity on these windows means: source, text preparation, window, stride, scored tokens."""
         return {"source": self.source, "preparation": self.preparation, "window": self.window, "stride": self.stride,
                 "windows": self.windows, "tokens": self.tokens}
+
+
+class Lineage(BaseModel):
+    """The refs every variant of a run descends from, as one record (two ModelRefs cannot trade places)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: ModelRef  # the downloaded base model
+    model: ModelRef  # the model that was quantized: the base merged with the adapter, or the base itself
+    calib: CalibRef | None
+    data: EvalDataRef
+    baseline: EvalRef  # the model's own evaluation on `data`
+
+
+class Variant(BaseModel):
+    """One variant's chain: its checkpoint, evaluation, gate verdict and registered version (None: not registered)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ckpt: CheckpointRef
+    result: EvalRef
+    verdict: Verdict
+    version: str | None = None

@@ -54,8 +54,8 @@ def columns_for(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return cols + list(TAIL_COLUMNS)
 
 
-def build_report(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", run_id: str = "", device: str = "",
+def build_report(  # noqa: PLR0913 - keyword-only: the report's rows and the header fields it carries
+    rows: list[dict[str, Any]], *, baseline: dict[str, Any], model_name: str = "", run_id: str = "", device: str = "",
     notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the tables and the chart need, as plain JSON-able data (notes: skipped/failed recipes;

@@ -1,10 +1,9 @@
-"""Scoring math shared by evaluation and sensitivity: the logits budget and the top-k KL divergence (core, torch)."""
+"""Scoring math shared by evaluation and sensitivity: the top-k KL divergence (core, torch; the logits budget is in
+quantmill.metrics)."""
 
 from __future__ import annotations
 
 import torch
-
-from quantmill.metrics import LOGITS_BUDGET  # noqa: F401 - re-exported
 
 
 def topk_kl(ref_lp: torch.Tensor, ref_ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:

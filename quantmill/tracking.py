@@ -143,7 +143,7 @@ def variant_run(client: Any, parent: str, variant: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def child_run(client, parent: str, experiment: str, name: str, params: dict, tags: dict, metrics: dict) -> str:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
+def child_run(client, parent: str, experiment: str, name: str, *, params: dict, tags: dict, metrics: dict | None = None) -> str:  # noqa: PLR0913,ANN001 - keyword-only: what the run logs; client is an MlflowClient
     """A finished child run under the pipeline's parent run."""
     from mlflow.entities import Metric, Param, RunTag
 
@@ -151,7 +151,7 @@ def child_run(client, parent: str, experiment: str, name: str, params: dict, tag
     now = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
         params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )

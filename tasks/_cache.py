@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,29 +16,38 @@ from prefect.cache_policies import CachePolicy
 from prefect.settings import get_current_settings
 
 from quantmill import refresh
-from quantmill.caching import Verifier, step_key, verify_in_store
-from quantmill.store import note_inputs
+from quantmill.caching import Verifier, key_inputs, noted_key, verify_in_store
 
 log = logging.getLogger("quantmill.cache")
 
 
 @dataclass
 class StepCache(CachePolicy):
-    """Key = step + code version + inputs' content; a stale Prefect record is dropped before lookup."""
+    """Key = step + code version + the content of the task's bound arguments; a stale Prefect record is dropped
+    before lookup.
+
+    Every argument keys the step (a new parameter included) unless named in `ignore`; the `ctx` StepContext
+    contributes its keyed fields (the device, which `ignore` may name), never the store root or run id.
+    `content` names path arguments keyed by their files (Prefect's INPUTS policy would hash the path string).
+    `normalize` reduces what remains to what shapes the output (e.g. an Evaluation's measurement settings).
+    """
 
     step: str = ""
     code_version: str = "1"
-    exclude: tuple[str, ...] = ("store_root", "run_id")
+    ignore: tuple[str, ...] = ()
+    content: tuple[str, ...] = ()
     verifier: Verifier | None = verify_in_store
     normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
-    def key_for(self, inputs: dict[str, Any]) -> str:
-        """The key of a run with these inputs (task bodies use it as their store key)."""
-        if self.normalize is not None:
-            inputs = self.normalize(dict(inputs))
-        key = step_key(self.step, self.code_version, inputs, self.exclude)
-        note_inputs(key, refresh.input_keys(inputs))
-        return key
+    def inputs_for(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """What the key sees of the task's bound arguments."""
+        inputs = key_inputs(arguments, self.ignore, self.content)
+        return self.normalize(inputs) if self.normalize is not None else inputs
+
+    def key_for(self, arguments: Mapping[str, Any]) -> str:
+        """The key of a run with these bound arguments: Prefect's `inputs`, or `locals()` as a task body's first
+        statement (its store key: one derivation for both)."""
+        return noted_key(self.step, self.code_version, self.inputs_for(arguments))
 
     def compute_key(
         self,
@@ -50,7 +59,7 @@ class StepCache(CachePolicy):
         key = self.key_for(inputs)
         record = Path(get_current_settings().results.local_storage_path) / key
         if refresh.active():  # --refresh/--no-cache: drop the record so the task runs, and rebuild its artifact
-            if refresh.should_force(self.step, key, self.normalize(dict(inputs)) if self.normalize else inputs):
+            if refresh.should_force(self.step, key, self.inputs_for(inputs)):
                 record.unlink(missing_ok=True)
                 return key
         if self.verifier is not None and record.exists():

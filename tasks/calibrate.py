@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prefect import task
 
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef
@@ -46,7 +47,7 @@ def build_calibration(model: ModelRef, spec: Calibration, out) -> dict:  # noqa:
     return {"tokens": int(mask.sum() if mask is not None else tensors["input_ids"].numel()), **meta}
 
 
-CALIBRATE_CACHE = StepCache(step="calibrate", code_version=CODE_VERSION)
+CALIBRATE_CACHE = StepCache(step="calibrate", code_version=CODE_VERSION, ignore=("device",))
 
 
 @task(
@@ -56,10 +57,10 @@ CALIBRATE_CACHE = StepCache(step="calibrate", code_version=CODE_VERSION)
     cache_policy=CALIBRATE_CACHE,
     persist_result=True,
 )
-def calibrate(model: ModelRef, spec: Calibration, store_root: str) -> CalibRef:
+def calibrate(model: ModelRef, spec: Calibration, *, ctx: StepContext) -> CalibRef:
     """Draw `num_samples` windows (or samples) of at most `seq_len` tokens with `seed`; return their digest."""
-    key = CALIBRATE_CACHE.key_for({"model": model, "spec": spec})
-    art = ArtifactStore(store_root).get_or_build(key, lambda out: build_calibration(model, spec, out))
+    key = CALIBRATE_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
+    art = ArtifactStore(ctx.store_root).get_or_build(key, lambda out: build_calibration(model, spec, out))
     return CalibRef(
         path=str(art.path / TOKENS_FILE), digest=art.digest, num_samples=spec.num_samples,
         seq_len=spec.seq_len, seed=spec.seed, source=spec.source.label, store_key=key, mode=str(spec.mode),

@@ -5,12 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary
 from quantmill.profile import Source
 from quantmill.refs import ModelRef
-from quantmill.sources import CODE_VERSION, _key, fetch_snapshot, fetched, resolve  # noqa: F401 - re-exported
+from quantmill.sources import CODE_VERSION, _key, resolve
 from quantmill.store import ArtifactStore
 from quantmill.tasks._cache import StepCache
 
@@ -20,7 +21,7 @@ def _verify(key: str, inputs: dict) -> str | None:
     source: Source = inputs["source"]
     if source.path is not None:
         return None
-    return ArtifactStore(inputs["store_root"]).verify(_key(source, "model"))
+    return ArtifactStore(inputs["ctx"].store_root).verify(_key(source, "model"))
 
 
 @task(
@@ -29,12 +30,12 @@ def _verify(key: str, inputs: dict) -> str | None:
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_on_transient,
-    cache_policy=StepCache(step="download", code_version=CODE_VERSION, verifier=_verify),
+    cache_policy=StepCache(step="download", code_version=CODE_VERSION, ignore=("device",), verifier=_verify),
     persist_result=True,
 )
-def download(source: Source, store_root: str) -> ModelRef:
+def download(source: Source, *, ctx: StepContext) -> ModelRef:
     """Fetch (or hash) the base model; return a reference with its content hash."""
-    path, digest = resolve(source, "model", store_root)
+    path, digest = resolve(source, "model", ctx.store_root)
     check_model_dir(path, "model.path", source.allow_pickle, source.trust_remote_code)
     check_tokenizer(path, "model.path")
     return ModelRef(

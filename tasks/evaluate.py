@@ -23,13 +23,14 @@ import torch
 from prefect import task
 
 from quantmill.console import progress
+from quantmill.context import StepContext
 from quantmill.devices import device_name
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.methods import build_config
-from quantmill.metrics import ppl_delta_pct
+from quantmill.metrics import LOGITS_BUDGET, ppl_delta_pct
 from quantmill.profile import Evaluation, Gates
 from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, ModelRef, Verdict
-from quantmill.scoring import LOGITS_BUDGET, topk_kl
+from quantmill.scoring import topk_kl
 from quantmill.store import ArtifactStore, canonical_safetensors
 from quantmill.tasks._cache import StepCache
 from quantmill.tasks._gpu import holding_gpu
@@ -81,15 +82,15 @@ def _data_inputs(inputs: dict) -> dict:
     return inputs
 
 
-EVAL_DATA_CACHE = StepCache(step="eval-data", code_version=CODE_VERSION, normalize=_data_inputs)
+EVAL_DATA_CACHE = StepCache(step="eval-data", code_version=CODE_VERSION, ignore=("device",), normalize=_data_inputs)
 
 
 @task(name="eval-data", retries=2, retry_condition_fn=retry_on_transient, cache_policy=EVAL_DATA_CACHE,
       persist_result=True)
-def eval_data(model: ModelRef, spec: Evaluation, store_root: str) -> EvalDataRef:
+def eval_data(model: ModelRef, spec: Evaluation, *, ctx: StepContext) -> EvalDataRef:
     """Tokenize held-out text into the windows every model is scored on."""
-    key = EVAL_DATA_CACHE.key_for({"model": model, "spec": spec})
-    art = ArtifactStore(store_root).get_or_build(key, lambda out: make_windows(model, spec, out))
+    key = EVAL_DATA_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
+    art = ArtifactStore(ctx.store_root).get_or_build(key, lambda out: make_windows(model, spec, out))
     r = art.record
     return EvalDataRef(
         path=str(art.path / TOKENS_FILE), digest=art.digest, window=r["window"], tokens=r["tokens"],
@@ -144,8 +145,8 @@ def load_model(path: str, device: str):  # noqa: ANN201 - a transformers model
 
 
 @torch.no_grad()
-def score_windows(  # noqa: PLR0913 - one pass computes everything that needs logits
-    model, windows: torch.Tensor, first: torch.Tensor, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
+def score_windows(  # noqa: PLR0913 - keyword-only settings: one pass computes everything that needs logits
+    model, windows: torch.Tensor, first: torch.Tensor, *, device: str = "cpu", batch_size: int = 8,  # noqa: ANN001 - a transformers model/tokenizer (imported lazily)
     reference: dict[str, torch.Tensor] | None = None, topk: int = 0,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Token-weighted perplexity (+ KL/top-1 agreement against `reference`, + this model's top-k log-probs)."""
@@ -389,7 +390,7 @@ def baseline_reference(baseline: EvalRef, data: EvalDataRef, store_root: str) ->
     return load_file(str(path))
 
 
-def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
+def score(target: str, data: EvalDataRef, *, device: str, cfg: dict[str, Any], baseline: EvalRef | None,  # noqa: PLR0913 - keyword-only: a measurement's settings, reference and output folder
           reference: dict[str, torch.Tensor] | None, out: Path) -> dict:
     """Measure one model and save its metrics (and, for a baseline, its reference log-probs)."""
     from safetensors.torch import save_file
@@ -401,7 +402,8 @@ def score(target: str, data: EvalDataRef, device: str, cfg: dict[str, Any], base
         vocab = int(getattr(model.config.get_text_config(), "vocab_size", None) or 2**16)
         batch = max(1, min(cfg["batch_size"], LOGITS_BUDGET // (windows.shape[1] * vocab)))
         topk = 0 if baseline else cfg["kl_topk"]
-        metrics, saved = score_windows(model, windows, first, device, batch, reference, topk)
+        metrics, saved = score_windows(model, windows, first, device=device, batch_size=batch, reference=reference,
+                                       topk=topk)
         if saved:
             save_file(saved, str(out / REFERENCE_FILE))
         if cfg["speed"] is not None and cfg["speed"].enabled:
@@ -434,16 +436,15 @@ EVALUATE_CACHE = StepCache(step="evaluate", code_version=CODE_VERSION, normalize
 @task(name="evaluate", retries=1, retry_condition_fn=retry_on_transient, cache_policy=EVALUATE_CACHE,
       persist_result=True)
 def evaluate(
-    target: ModelRef | CheckpointRef, data: EvalDataRef, device: str, store_root: str,
+    target: ModelRef | CheckpointRef, data: EvalDataRef, *, ctx: StepContext,
     baseline: EvalRef | None = None, spec: Evaluation | None = None,
 ) -> EvalRef:
     """Score one model on the shared windows; with `baseline`, also KL/agreement against its saved log-probs."""
-    key = EVALUATE_CACHE.key_for({"target": target, "data": data, "device": device, "baseline": baseline, "spec": spec})
-    cfg = settings(spec)
-    reference = baseline_reference(baseline, data, store_root) if baseline is not None else None
-    art = ArtifactStore(store_root).get_or_build(
-        key, holding_gpu(device, lambda out: score(target.path, data, device, cfg, baseline, reference, out))
-    )
+    key = EVALUATE_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
+    cfg, device = settings(spec), ctx.device
+    reference = baseline_reference(baseline, data, ctx.store_root) if baseline is not None else None
+    art = ArtifactStore(ctx.store_root).get_or_build(key, holding_gpu(device, lambda out: score(
+        target.path, data, device=device, cfg=cfg, baseline=baseline, reference=reference, out=out)))
     is_variant = isinstance(target, CheckpointRef)
     return EvalRef(
         name=target.name if is_variant else "baseline",
@@ -489,7 +490,7 @@ BOUNDS = (
 )
 
 
-def judge(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, spec: Evaluation) -> Verdict:
+def judge(ckpt: CheckpointRef, result: EvalRef, *, baseline: EvalRef, spec: Evaluation) -> Verdict:
     """Gate verdict with the reason for every bound that failed (a bound on an unmeasured metric fails)."""
     gates = limits_for(ckpt, spec)
     m = {**result.metrics, **derived(result.metrics, baseline.metrics)}
@@ -510,6 +511,6 @@ def judge(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, spec: Evaluat
 
 
 @task(name="gate", cache_policy=StepCache(step="gate", code_version=CODE_VERSION, verifier=None), persist_result=True)
-def gate(ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, spec: Evaluation) -> Verdict:
+def gate(ckpt: CheckpointRef, result: EvalRef, *, baseline: EvalRef, spec: Evaluation) -> Verdict:
     """Apply the quality gates to one variant."""
-    return judge(ckpt, result, baseline, spec)
+    return judge(ckpt, result, baseline=baseline, spec=spec)

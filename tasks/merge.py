@@ -38,7 +38,8 @@ from typing import Any
 from prefect import task
 from prefect.logging import get_run_logger
 
-from quantmill.adapters import NF4, check_adapter, detect_training, pattern_value  # noqa: F401 - re-exported
+from quantmill.adapters import check_adapter, detect_training, pattern_value
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors, read_exact
 from quantmill.models import META_PATTERNS, model_summary
@@ -292,7 +293,7 @@ def _verify(key: str, inputs: dict) -> str | None:
     """Merged folders live in the store; pass-through needs nothing."""
     if inputs.get("adapter") is None:
         return None
-    return ArtifactStore(inputs["store_root"]).verify(key)
+    return ArtifactStore(inputs["ctx"].store_root).verify(key)
 
 
 def _key_inputs(inputs: dict) -> dict:
@@ -309,7 +310,8 @@ def _logger():  # noqa: ANN202 - a logger
     return logging.getLogger("quantmill.merge")
 
 
-MERGE_CACHE = StepCache(step="merge", code_version=CODE_VERSION, verifier=_verify, normalize=_key_inputs)
+MERGE_CACHE = StepCache(step="merge", code_version=CODE_VERSION, ignore=("device",), verifier=_verify,
+                        normalize=_key_inputs)
 
 
 @task(
@@ -319,16 +321,16 @@ MERGE_CACHE = StepCache(step="merge", code_version=CODE_VERSION, verifier=_verif
     cache_policy=MERGE_CACHE,
     persist_result=True,
 )
-def merge(base: ModelRef, adapter: Source | None, store_root: str, spec: Merge | None = None) -> ModelRef:
+def merge(base: ModelRef, adapter: Source | None, *, spec: Merge | None = None, ctx: StepContext) -> ModelRef:
     """Merge the LoRA adapter into the base weights; without one, pass the base through."""
+    key = MERGE_CACHE.key_for(locals())  # the bound arguments, as Prefect's cache key sees them
     if adapter is None:
         return base
     spec = spec or Merge()
-    key = MERGE_CACHE.key_for({"base": base, "adapter": adapter, "spec": spec})
     adapter_sha = None
     try:
-        adapter_dir, adapter_sha = resolve(adapter, "adapter", store_root)
-        art = ArtifactStore(store_root).get_or_build(key, lambda out: merge_lora(Path(base.path), adapter_dir, out, spec))
+        adapter_dir, adapter_sha = resolve(adapter, "adapter", ctx.store_root)
+        art = ArtifactStore(ctx.store_root).get_or_build(key, lambda out: merge_lora(Path(base.path), adapter_dir, out, spec))
     except Exception as exc:
         if spec.on_failure == "stop":
             raise

@@ -17,6 +17,7 @@ import psutil
 from prefect import task
 
 from quantmill import plan, state
+from quantmill.context import StepContext
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.inputs import local_input_problems
 from quantmill.methods.checks import check_recipe
@@ -33,15 +34,16 @@ def free_bytes(path: Path) -> int:
 
 
 @task(name="preflight")
-def preflight(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    model: ModelRef, recipes: list[Recipe], device: str, store_root: str, optional: list[str] | None = None, *,
-    calibration: Calibration, evaluation: Evaluation,
+def preflight(
+    model: ModelRef, recipes: list[Recipe], *, optional: list[str] | None = None, calibration: Calibration,
+    evaluation: Evaluation, ctx: StepContext,
 ) -> dict[str, str]:
     """Fail before heavy work: recipes valid for this model/device, enough disk and memory.
 
     Recipes named in `optional` (those a sweep grid generated) are skipped when invalid for this model or
     device instead of failing the run; returns {skipped recipe: reason}.
     """
+    device, store_root = ctx.device, ctx.store_root
     skipped: dict[str, str] = {}
     valid = []
     for i, recipe in enumerate(recipes):

@@ -15,10 +15,11 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Registry
-from quantmill.refs import CalibRef, CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.refs import CheckpointRef, EvalRef, Lineage, Verdict
 from quantmill.tasks._cache import StepCache
 
 CODE_VERSION = "2"
@@ -26,12 +27,9 @@ SHA_TAG = tracking.SHA_TAG
 LAYOUT_TAG = "quantmill.layout"
 
 
-def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef, model: ModelRef, calib: CalibRef | None,
-    digest: str,
-) -> dict[str, str]:
+def version_tags(ckpt: CheckpointRef, result: EvalRef, *, lineage: Lineage, digest: str) -> dict[str, str]:
     """Tags every registered version carries (what, from where, how good): JSON or plain strings."""
-    cfg = ckpt.config
+    cfg, baseline, base = ckpt.config, lineage.baseline, lineage.base
     delta = ppl_delta_pct(result.metrics["perplexity"], baseline.metrics["perplexity"])
     return {
         SHA_TAG: digest,
@@ -44,7 +42,7 @@ def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records
         "method_config": json.dumps(cfg, sort_keys=True),
         "base_model": mlmodel.public_label(base.source),
         "base_revision": str(base.revision or ""),
-        **lineage_hashes(base, model),
+        **lineage_hashes(lineage),
         "calibration_digest": str(ckpt.calib_digest or ""),
         "calibration_used": json.dumps(ckpt.calib_digest is not None),
         "eval_digest": result.eval_digest,
@@ -56,20 +54,22 @@ def version_tags(  # noqa: PLR0913 - positional plumbing; the typed step records
     }
 
 
-def lineage_hashes(base: ModelRef, model: ModelRef) -> dict[str, str]:
+def lineage_hashes(lineage: Lineage) -> dict[str, str]:
     """Base, adapter and merged model hashes, each under its own name (tags, quantmill.json, card)."""
+    base, model = lineage.base, lineage.model
     return {"base_sha256": base.sha256, "adapter_sha256": str(model.adapter_sha256 or ""),
             "merged_sha256": model.sha256 if model.merged else ""}
 
 
-def published_sidecar(ckpt: CheckpointRef, base: ModelRef, model: ModelRef) -> dict[str, Any]:
+def published_sidecar(ckpt: CheckpointRef, lineage: Lineage) -> dict[str, Any]:
     """The checkpoint's quantmill.json as published: same hash names as the tags, no machine path."""
     try:
         sidecar = json.loads((Path(ckpt.path) / "quantmill.json").read_text())
     except (OSError, ValueError):
         sidecar = {"method": ckpt.method, "name": ckpt.name, "config": ckpt.config}
     sidecar.pop("base_source", None)
-    sidecar.update(base_model=mlmodel.public_label(base.source), base_revision=base.revision, **lineage_hashes(base, model))
+    base = lineage.base
+    sidecar.update(base_model=mlmodel.public_label(base.source), base_revision=base.revision, **lineage_hashes(lineage))
     return sidecar
 
 
@@ -98,7 +98,7 @@ def _verify(key: str, inputs: dict[str, Any]) -> str | None:
     return None if found else "missing"
 
 
-REGISTER_CACHE = StepCache(step="register", code_version=CODE_VERSION, verifier=_verify)
+REGISTER_CACHE = StepCache(step="register", code_version=CODE_VERSION, ignore=("device",), verifier=_verify)
 
 
 @contextlib.contextmanager
@@ -135,11 +135,11 @@ def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
     cache_policy=REGISTER_CACHE,
     persist_result=True,
 )
-def register(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    ckpt: CheckpointRef, result: EvalRef, verdict: Verdict, baseline: EvalRef, base: ModelRef,
-    model: ModelRef, calib: CalibRef | None, registry: Registry, run_id: str,
+def register(
+    ckpt: CheckpointRef, result: EvalRef, verdict: Verdict, *, lineage: Lineage, registry: Registry, ctx: StepContext,
 ) -> str | None:
-    """Register a passing variant as a model version (once per checkpoint content); return its version."""
+    """Register a passing variant as a model version (once per checkpoint content) under the run `ctx.run_id`;
+    return its version."""
     import mlflow
 
     if not verdict.passed:
@@ -150,29 +150,29 @@ def register(  # noqa: PLR0913 - positional plumbing; the typed step records of 
     with registry_lock(name):
         try:
             client.create_registered_model(
-                name, description=f"Quantized variants of {mlmodel.public_label(base.source)} (quantmill)")
+                name, description=f"Quantized variants of {mlmodel.public_label(lineage.base.source)} (quantmill)")
         except mlflow.exceptions.MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
         existing = find_version(client, name, digest, ckpt.sha256)
         if existing is not None:
             return str(existing.version)
-        mv = _create_version(client, name, ckpt, result, baseline, base, model, calib, run_id, digest)
+        mv = _create_version(client, name, ckpt, result, lineage=lineage, run_id=ctx.run_id, digest=digest)
     emit("quantmill.model.registered", name, str(mv.version), {"variant": ckpt.name, "sha256": digest})
     return str(mv.version)
 
 
-def _create_version(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    client, name: str, ckpt: CheckpointRef, result: EvalRef, baseline: EvalRef, base: ModelRef,  # noqa: ANN001 - an MlflowClient (mlflow imported lazily)
-    model: ModelRef, calib: CalibRef | None, run_id: str, digest: str,
+def _create_version(  # noqa: PLR0913 - keyword-only: where the version goes (client, name, run) and what it holds
+    client, name: str, ckpt: CheckpointRef, result: EvalRef, *, lineage: Lineage, run_id: str, digest: str,  # noqa: ANN001 - an MlflowClient (mlflow imported lazily)
 ) -> Any:
     """Variant child run -> logged model (metrics, params, MLflow model files) -> model version."""
-    tags = version_tags(ckpt, result, baseline, base, model, calib, digest)
-    card = modelcard.render(name, ckpt, result, baseline, base, model, calib.source if calib else None)
-    metrics = tracking.variant_metrics(ckpt, result, baseline)
+    base = lineage.base
+    tags = version_tags(ckpt, result, lineage=lineage, digest=digest)
+    card = modelcard.render(name, ckpt, result, lineage=lineage)
+    metrics = tracking.variant_metrics(ckpt, result, lineage.baseline)
     exp = client.get_run(run_id).info.experiment_id
-    child = tracking.child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
-                               {"quantmill.variant": ckpt.name, "gate": "passed"}, {})
+    child = tracking.child_run(client, run_id, exp, f"evaluate/{ckpt.name}", params={"variant": ckpt.name},
+                               tags={"quantmill.variant": ckpt.name, "gate": "passed"})
     params = {"method": ckpt.method, "method_config": json.dumps(ckpt.config, sort_keys=True),
               **tracking.flatten(ckpt.config, "config.")}
     logged = client.create_logged_model(exp, name=ckpt.name, source_run_id=child, tags=tags, params=params,
@@ -181,7 +181,7 @@ def _create_version(  # noqa: PLR0913 - positional plumbing; the typed step reco
     with tempfile.TemporaryDirectory(dir=state.home()) as tmp:
         staged = mlmodel.stage_version(
             Path(ckpt.path), Path(tmp) / "version", method=ckpt.method, label=mlmodel.public_label(base.source),
-            card=card, sidecar=published_sidecar(ckpt, base, model), run_id=child, model_id=logged.model_id,
+            card=card, sidecar=published_sidecar(ckpt, lineage), run_id=child, model_id=logged.model_id,
         )
         how = mlmodel.publish(client, logged.model_id, logged.artifact_location, staged)
     client.set_logged_model_tags(logged.model_id, {"quantmill.stored": how})

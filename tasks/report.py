@@ -12,6 +12,7 @@ from typing import Any
 from prefect import task
 
 from quantmill import tracking
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.report import (
     REPORT_DIR,
@@ -55,15 +56,16 @@ def post_to_prefect(report: dict[str, Any]) -> str:
 
 
 @task(name="publish-report", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def publish_report(  # noqa: PLR0913 - positional plumbing; the typed step records of issue 11 replace it
-    run_id: str, rows: list[dict[str, Any]], baseline: dict[str, Any], model_name: str = "", device: str = "",
-    notes: list[str] | None = None, evaluation: dict[str, Any] | None = None,
+def publish_report(
+    rows: list[dict[str, Any]], *, baseline: dict[str, Any], model_name: str = "", notes: list[str] | None = None,
+    evaluation: dict[str, Any] | None = None, ctx: StepContext,
 ) -> dict[str, Any]:
-    """Build the comparison report and publish it to the MLflow run and as a Prefect table artifact."""
+    """Build the comparison report and publish it to the MLflow run `ctx.run_id` and as a Prefect table artifact."""
     from quantmill.devices import device_name
 
-    report = build_report(rows, baseline, model_name, run_id, device_name(device) if device else "", notes,
-                          evaluation=evaluation)
+    run_id = ctx.run_id
+    report = build_report(rows, baseline=baseline, model_name=model_name, run_id=run_id,
+                          device=device_name(ctx.device), notes=notes, evaluation=evaluation)
     log_to_mlflow(run_id, report)
     key = post_to_prefect(report)
     log.info("report saved to MLflow run %s (%s) and Prefect artifact %r", run_id, REPORT_JSON, key)

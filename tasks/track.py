@@ -15,8 +15,10 @@ from prefect.settings import get_current_settings
 
 import quantmill
 from quantmill import state, tracking
+from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
 from quantmill.profile import Profile
+from quantmill.refs import Lineage, Variant
 from quantmill.tracking import child_run
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gptqmodel", "torchao", "prefect", "mlflow")
@@ -212,10 +214,13 @@ def dataset_input(name: str, source: str, digest: str, context: str):  # noqa: A
 
 
 @task(name="log-lineage", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
-def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[dict[str, Any]]) -> None:  # noqa: PLR0913,ANN001 - positional plumbing; the typed step records of issue 11 replace it
-    """Child runs per step and per variant, content hashes, dataset inputs, Prefect cross-links."""
+def log_lineage(lineage: Lineage, variants: list[Variant], *, ctx: StepContext) -> None:
+    """Child runs per step and per variant under the run `ctx.run_id`: content hashes, dataset inputs, Prefect
+    cross-links."""
     from prefect.artifacts import create_link_artifact
 
+    run_id, base, model, calib, data, baseline = (ctx.run_id, lineage.base, lineage.model, lineage.calib, lineage.data,
+                                                  lineage.baseline)
     client = tracking.client()
     parent = client.get_run(run_id)
     exp = parent.info.experiment_id
@@ -225,38 +230,39 @@ def log_lineage(run_id: str, base, model, calib, data, baseline, variants: list[
     for k, v in hashes.items():
         client.set_tag(run_id, f"quantmill.{k}", v)
     client.set_tag(run_id, "quantmill.commit", git_commit())
-    child_run(client, run_id, exp, "download", {"source": base.source, "revision": base.revision},
-              {"sha256": base.sha256, **{f"model.{k}": v for k, v in base.summary.items()}}, {})
+    child_run(client, run_id, exp, "download", params={"source": base.source, "revision": base.revision},
+              tags={"sha256": base.sha256, **{f"model.{k}": v for k, v in base.summary.items()}})
     merge_facts = {k: model.summary.get(k) for k in ("merge", "adapter_training") if model.summary.get(k)}
-    child_run(client, run_id, exp, "merge", {"adapter": bool(model.merged), **tracking.flatten(merge_facts)},
-              {"merged_sha256": model.sha256, "adapter_sha256": model.adapter_sha256 or ""}, {})
+    child_run(client, run_id, exp, "merge", params={"adapter": bool(model.merged), **tracking.flatten(merge_facts)},
+              tags={"merged_sha256": model.sha256, "adapter_sha256": model.adapter_sha256 or ""})
     cal = child_run(client, run_id, exp, "calibrate",
-                    {"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed, "source": calib.source,
-                     "mode": calib.mode, "preparation": calib.preparation},
-                    {"digest": calib.digest}, {})
+                    params={"num_samples": calib.num_samples, "seq_len": calib.seq_len, "seed": calib.seed,
+                            "source": calib.source, "mode": calib.mode, "preparation": calib.preparation},
+                    tags={"digest": calib.digest})
     log_inputs = functools.partial(tracking.tolerating_races, client.log_inputs)  # one dataset row, many runs
     log_inputs(cal, [dataset_input("calibration", calib.source, calib.digest, "calibration")])
     log_inputs(run_id, [dataset_input("calibration", calib.source, calib.digest, "calibration"),
                         dataset_input("evaluation", data.source, data.digest, "evaluation")])
-    ev = child_run(client, run_id, exp, "evaluate/baseline", data.description(),
-                   {"eval_digest": data.digest}, baseline.metrics)
+    ev = child_run(client, run_id, exp, "evaluate/baseline", params=data.description(),
+                   tags={"eval_digest": data.digest}, metrics=baseline.metrics)
     log_inputs(ev, [dataset_input("evaluation", data.source, data.digest, "evaluation")])
     for v in variants:
-        ckpt, result, verdict = v["ckpt"], v["result"], v["verdict"]
-        child_run(client, run_id, exp, f"quantize/{ckpt.name}", tracking.flatten(ckpt.config, "config."),
-                  {"checkpoint_sha256": ckpt.sha256, "kept_modules": ",".join(ckpt.kept_modules),
-                   "quantized_modules": len(ckpt.quantized_modules)},
-                  {**{f"layer_error.{k}": e for k, e in list(ckpt.layer_errors.items())[:500]},
-                   "size_bytes": ckpt.size_bytes})
+        ckpt, result, verdict = v.ckpt, v.result, v.verdict
+        child_run(client, run_id, exp, f"quantize/{ckpt.name}", params=tracking.flatten(ckpt.config, "config."),
+                  tags={"checkpoint_sha256": ckpt.sha256, "kept_modules": ",".join(ckpt.kept_modules),
+                        "quantized_modules": len(ckpt.quantized_modules)},
+                  metrics={**{f"layer_error.{k}": e for k, e in list(ckpt.layer_errors.items())[:500]},
+                           "size_bytes": ckpt.size_bytes})
         gate_tags = {"gate": "passed" if verdict.passed else "failed", "gate_reasons": "; ".join(verdict.reasons),
-                     "model_version": v.get("version") or ""}
+                     "model_version": v.version or ""}
         registered = tracking.variant_run(client, run_id, ckpt.name)  # the register step made it (version's run)
         if registered:
             for k, val in gate_tags.items():
                 client.set_tag(registered, k, str(val))
         else:
-            child_run(client, run_id, exp, f"evaluate/{ckpt.name}", {"variant": ckpt.name},
-                      {"quantmill.variant": ckpt.name, **gate_tags}, tracking.variant_metrics(ckpt, result, baseline))
+            child_run(client, run_id, exp, f"evaluate/{ckpt.name}", params={"variant": ckpt.name},
+                      tags={"quantmill.variant": ckpt.name, **gate_tags},
+                      metrics=tracking.variant_metrics(ckpt, result, baseline))
     create_link_artifact(
         key="mlflow-run", link=f"{state.tracking_uri()}#/experiments/{exp}/runs/{run_id}",
         link_text=f"MLflow run {run_id}", description="The pipeline's MLflow run (lineage, metrics, report)",

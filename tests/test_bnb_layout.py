@@ -15,8 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from quantmill.methods.bnb import BnbNF4Config
 from quantmill.methods.registry import QuantizeJob
-from quantmill.tasks.quantize.bnb import BnbNF4Config, is_cpu_repacked, linear_4bit, quantize_bnb, save_bnb
+from quantmill.quantize.bnb import is_cpu_repacked, linear_4bit, quantize_bnb, save_bnb
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 IDS = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]])

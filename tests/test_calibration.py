@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from quantmill.errors import QuantmillError
-from quantmill.profile import Calibration, ProfileError, parse_profile
+from quantmill.context import StepContext
+from quantmill.errors import ProfileError, QuantmillError
+from quantmill.profile import Calibration, parse_profile
 from quantmill.refs import ModelRef
 from quantmill.tasks.calibrate import CALIBRATE_CACHE, calibrate
 
@@ -58,7 +59,7 @@ def test_chat_template_samples_start_with_template_tokens(chat_model, conversati
     path, convs = conversations
     spec = Calibration(source={"path": str(path), "messages_field": "messages"}, num_samples=8, seq_len=64)
     assert spec.mode == "samples"  # chat data defaults to one conversation per sample
-    ref = calibrate.fn(model_ref(chat_model), spec, str(tmp_path))
+    ref = calibrate.fn(model_ref(chat_model), spec, ctx=StepContext(store_root=str(tmp_path)))
     data = load_file(ref.path)
     ids, mask = data["input_ids"], data["attention_mask"]
     assert ids.shape[0] == 8 and ids.shape[1] <= 64 and ref.mode == "samples"
@@ -74,7 +75,7 @@ def test_chat_template_samples_start_with_template_tokens(chat_model, conversati
 def test_missing_chat_template_fails_with_one_line(demo_assets, conversations, tmp_path):
     spec = Calibration(source={"path": str(conversations[0]), "messages_field": "messages"}, num_samples=4, seq_len=64)
     with pytest.raises(QuantmillError) as err:
-        calibrate.fn(model_ref(demo_assets.model_dir), spec, str(tmp_path))
+        calibrate.fn(model_ref(demo_assets.model_dir), spec, ctx=StepContext(store_root=str(tmp_path)))
     msg = str(err.value)
     assert msg.startswith("calibration.source.messages_field: the model's tokenizer has no chat template") and "\n" not in msg
     assert not any((tmp_path / "objects").glob("*/calibration.safetensors"))
@@ -92,7 +93,7 @@ def test_samples_mode_rows_masks_and_gptq_runs_on_them(demo_assets, documents, t
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 
     spec = Calibration(source={"path": str(documents)}, mode="samples", num_samples=12, seq_len=48, seed=3)
-    ref = calibrate.fn(model_ref(demo_assets.model_dir), spec, str(tmp_path / "store"))
+    ref = calibrate.fn(model_ref(demo_assets.model_dir), spec, ctx=StepContext(store_root=str(tmp_path / "store")))
     data = load_file(ref.path)
     ids, mask = data["input_ids"], data["attention_mask"]
     tok = AutoTokenizer.from_pretrained(demo_assets.model_dir)
@@ -100,7 +101,7 @@ def test_samples_mode_rows_masks_and_gptq_runs_on_them(demo_assets, documents, t
     assert ids.shape == (12, 48) and mask.dtype == torch.long
     assert sorted(mask.sum(1).tolist()) != [48] * 12 and min(mask.sum(1).tolist()) < 48  # short ones kept as they are
     assert all(int(m.sum()) in lengths.values() for m in mask)
-    again = calibrate.fn(model_ref(demo_assets.model_dir), spec.model_copy(update={"seed": 4}), str(tmp_path / "store"))
+    again = calibrate.fn(model_ref(demo_assets.model_dir), spec.model_copy(update={"seed": 4}), ctx=StepContext(store_root=str(tmp_path / "store")))
     assert again.digest != ref.digest  # another seed, other rows
 
     job = QuantizeJob(demo_assets.model_dir, tmp_path / "gptq", Path(ref.path), "cpu", progress=lambda _m: None)
@@ -114,7 +115,7 @@ def test_preparation_changes_digest_and_cache_key(demo_assets, documents, tmp_pa
     refs = {}
     for name, source in (("nn", {"path": str(documents)}), ("eos", {"path": str(documents), "join": "eos"})):
         spec = Calibration(source=source, num_samples=8, seq_len=64)
-        refs[name] = calibrate.fn(model, spec, str(tmp_path))
+        refs[name] = calibrate.fn(model, spec, ctx=StepContext(store_root=str(tmp_path)))
         assert CALIBRATE_CACHE.key_for({"model": model, "spec": spec}) == refs[name].store_key
     assert refs["nn"].digest != refs["eos"].digest and refs["nn"].store_key != refs["eos"].store_key
     with safe_open(refs["eos"].path, "pt") as f:
@@ -127,14 +128,14 @@ def test_hub_dataset_streamed_shuffled_and_cut(demo_assets, documents, tmp_path)
     model = model_ref(demo_assets.model_dir)
     source = {"dataset": "json", "data_files": str(documents), "split": "train", "streaming": True}
     spec = Calibration(source=source, mode="samples", num_samples=5, seq_len=32, seed=1)
-    first = load_file(calibrate.fn(model, spec, str(tmp_path)).path)
+    first = load_file(calibrate.fn(model, spec, ctx=StepContext(store_root=str(tmp_path))).path)
     assert first["input_ids"].shape[0] == 5
-    again = load_file(calibrate.fn(model, spec, str(tmp_path / "again")).path)
+    again = load_file(calibrate.fn(model, spec, ctx=StepContext(store_root=str(tmp_path / "again"))).path)
     assert torch.equal(first["input_ids"], again["input_ids"])  # the seed fixes the shuffle
-    packed = calibrate.fn(model, Calibration(source=source, num_samples=4, seq_len=64, seed=1), str(tmp_path))
+    packed = calibrate.fn(model, Calibration(source=source, num_samples=4, seq_len=64, seed=1), ctx=StepContext(store_root=str(tmp_path)))
     assert load_file(packed.path)["input_ids"].shape == (4, 64)
     with pytest.raises(QuantmillError, match=r"calibration\.num_samples: .* 40 non-empty rows, fewer than num_samples = 41"):
-        calibrate.fn(model, Calibration(source=source, mode="samples", num_samples=41, seq_len=32), str(tmp_path))
+        calibrate.fn(model, Calibration(source=source, mode="samples", num_samples=41, seq_len=32), ctx=StepContext(store_root=str(tmp_path)))
 
 
 @pytest.mark.parametrize("calibration, message", [
@@ -155,7 +156,7 @@ def test_sensitivity_ignores_the_padding_of_samples(demo_assets, tmp_path):
     """Mixed precision measures on calibration rows: a padded sample scores like the same tokens unpadded."""
     from safetensors.torch import save_file
 
-    from quantmill.tasks.quantize.sensitivity import measure_sensitivity
+    from quantmill.quantize.sensitivity import measure_sensitivity
 
     row = torch.arange(5, 25, dtype=torch.long)
     padded = torch.cat([row, torch.full((12,), 7, dtype=torch.long)])[None]

@@ -18,7 +18,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
-import quantmill.tasks.quantize  # noqa: F401  (registers every method)
 from quantmill.methods.registry import QuantizeJob, build_config, get_method, known_methods
 
 PARAMS = {"rtn": {"bits": 4, "group_size": 32}, "gptq": {"bits": 4, "group_size": 32}, "awq": {"group_size": 32},

@@ -140,7 +140,7 @@ def undescribed(schema: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, prefect_api):
-    from quantmill.tasks.quantize import known_methods
+    from quantmill.methods import known_methods
 
     deployer_home = tmp_path / "deployer-home"  # QUANTMILL_HOME where `prefect deploy` runs
     home = tmp_path / "worker-home"  # QUANTMILL_HOME of the worker and of the flow runs it starts
@@ -265,7 +265,7 @@ def chromium(browser: str, url: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_custom_run_form_in_headless_chromium(tmp_path):
     """The Custom run page of a real server (default UI): the method control and the chosen method's fields."""
-    from quantmill.tasks.quantize import known_methods
+    from quantmill.methods import known_methods
 
     browser = find_chromium()
     if browser is None:

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantmill.context import StepContext
 from quantmill.errors import ProfileError, QuantmillError
+from quantmill.methods import build_config
 from quantmill.profile import Evaluation, Gates, parse_profile
-from quantmill.refs import CheckpointRef, ModelRef
+from quantmill.refs import CheckpointRef, Lineage, ModelRef, Variant
+from quantmill.scoring import topk_kl
 from quantmill.tasks.evaluate import (
     EVALUATE_CACHE,
     choice_accuracy,
@@ -26,9 +29,7 @@ from quantmill.tasks.evaluate import (
     limits_for,
     lm_eval_scores,
     load_windows,
-    topk_kl,
 )
-from quantmill.tasks.quantize import build_config
 from tests.conftest import REPO
 
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
@@ -55,8 +56,8 @@ def setup(demo_assets, tmp_path_factory):
     model = ModelRef(path=str(demo_assets.model_dir), sha256="demo", source="demo",
                      summary={"max_position_embeddings": 512})
     spec = make_spec(demo_assets.eval_path, speed=SPEED)
-    data = eval_data.fn(model, spec, store)
-    baseline = evaluate.fn(model, data, "cpu", store, spec=spec)
+    data = eval_data.fn(model, spec, ctx=StepContext(store_root=store))
+    baseline = evaluate.fn(model, data, ctx=StepContext(store_root=store), spec=spec)
     return {"store": store, "model": model, "spec": spec, "data": data, "baseline": baseline}
 
 
@@ -80,11 +81,11 @@ def plain_perplexity(model_dir: Path, windows: torch.Tensor, stride: int) -> flo
 @pytest.mark.parametrize("stride", [None, 96])
 def test_perplexity_matches_plain_transformers_loop(setup, demo_assets, stride):
     spec = make_spec(demo_assets.eval_path, stride=stride, speed=None)
-    data = eval_data.fn(setup["model"], spec, setup["store"])
+    data = eval_data.fn(setup["model"], spec, ctx=StepContext(store_root=setup["store"]))
     if stride is None:
         result = setup["baseline"]
     else:
-        result = evaluate.fn(setup["model"], data, "cpu", setup["store"], spec=spec)
+        result = evaluate.fn(setup["model"], data, ctx=StepContext(store_root=setup["store"]), spec=spec)
     windows, _ = load_windows(data.path)
     expected = plain_perplexity(demo_assets.model_dir, windows, stride or windows.shape[1])
     assert abs(result.metrics["perplexity"] / expected - 1) < 1e-3, (result.metrics["perplexity"], expected)
@@ -114,8 +115,8 @@ def quantmill_baseline(model_dir: Path, source: dict, store: str, window: int, m
     """quantmill's eval-data and baseline evaluation of `model_dir` on `source` (speed off)."""
     model = ModelRef(path=str(model_dir), sha256="demo", source="demo", summary={"max_position_embeddings": 512})
     spec = Evaluation(source=source, max_tokens=max_tokens, window=window, speed=None)
-    data = eval_data.fn(model, spec, store)
-    return data, evaluate.fn(model, data, "cpu", store, spec=spec)
+    data = eval_data.fn(model, spec, ctx=StepContext(store_root=store))
+    return data, evaluate.fn(model, data, ctx=StepContext(store_root=store), spec=spec)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +189,7 @@ def test_baseline_metrics_speed_and_memory(setup):
 
 def test_baseline_against_itself_has_zero_kl_and_full_agreement(setup):
     spec = setup["spec"].model_copy(update={"speed": None})
-    same = evaluate.fn(setup["model"], setup["data"], "cpu", setup["store"], baseline=setup["baseline"], spec=spec)
+    same = evaluate.fn(setup["model"], setup["data"], ctx=StepContext(store_root=setup["store"]), baseline=setup["baseline"], spec=spec)
     assert same.metrics["kl_mean"] == pytest.approx(0.0, abs=1e-9)
     assert same.metrics["top1_agreement"] == 1.0
     assert same.metrics["perplexity"] == pytest.approx(setup["baseline"].metrics["perplexity"], rel=1e-9)
@@ -226,8 +227,8 @@ def variants(setup, tmp_path_factory):
     for name, scale in (("light-noise", 0.002), ("heavy-noise", 1.0)):
         path = noisy_checkpoint(Path(setup["model"].path), tmp_path_factory.mktemp(name), scale)
         ckpt = checkpoint_ref(path, name)
-        result = evaluate.fn(ckpt, setup["data"], "cpu", setup["store"], baseline=setup["baseline"], spec=spec)
-        out[name] = (ckpt, result, judge(ckpt, result, setup["baseline"], spec))
+        result = evaluate.fn(ckpt, setup["data"], ctx=StepContext(store_root=setup["store"]), baseline=setup["baseline"], spec=spec)
+        out[name] = (ckpt, result, judge(ckpt, result, baseline=setup["baseline"], spec=spec))
     return out
 
 
@@ -267,7 +268,7 @@ def test_gate_precedence_and_unmeasured_bounds(setup, variants):
     assert limits.max_ppl_increase_pct == 7 and limits.max_kl == 0.5 and limits.max_latency_ms_p50 == 5
     assert limits_for(ckpt.model_copy(update={"name": "x", "method": "rtn"}), Evaluation(source=spec.source)) \
         .max_ppl_increase_pct == 2.0
-    verdict = judge(ckpt, result, setup["baseline"], spec)
+    verdict = judge(ckpt, result, baseline=setup["baseline"], spec=spec)
     assert not verdict.passed and verdict.reasons == [
         "latency p50 not measured (enable evaluation.speed) but max_latency_ms_p50 is set"
     ]
@@ -277,7 +278,7 @@ def test_variant_cache_key_follows_baseline_not_gates(setup):
     base = setup["baseline"]
     other = base.model_copy(update={"metrics": {**base.metrics, "perplexity": 1.0}})
     spec = setup["spec"]
-    inputs = {"target": setup["model"], "data": setup["data"], "device": "cpu", "store_root": "x", "spec": spec}
+    inputs = {"target": setup["model"], "data": setup["data"], "ctx": StepContext(store_root="x"), "spec": spec}
     key = EVALUATE_CACHE.key_for({**inputs, "baseline": base})
     assert key != EVALUATE_CACHE.key_for({**inputs, "baseline": other})
     gated = spec.model_copy(update={"gates": Gates(max_kl=0.1)})
@@ -320,7 +321,8 @@ def test_model_card_says_what_the_perplexity_is_over(setup, variants):
 
     ckpt, result, _ = variants["light-noise"]
     assert result.data == setup["data"].description() and result.data["preparation"]
-    card = modelcard.render("m", ckpt, result, setup["baseline"], setup["model"], setup["model"], None)
+    lineage = Lineage(base=setup["model"], model=setup["model"], calib=None, data=setup["data"], baseline=setup["baseline"])
+    card = modelcard.render("m", ckpt, result, lineage=lineage)
     assert f"Perplexity: token-level exp(mean NLL) over {setup['data'].windows} windows of 256 tokens" in card
     assert "text: one document read as is, tokenized once." in card
 
@@ -354,11 +356,13 @@ def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants,
     from quantmill.report import REPORT_JSON, markdown
     from quantmill.tasks.report import publish_report
 
-    rows = [summary_row(ckpt, res, setup["baseline"], verdict, None) for ckpt, res, verdict in variants.values()]
+    rows = [summary_row(Variant(ckpt=ckpt, result=res, verdict=verdict), setup["baseline"])
+            for ckpt, res, verdict in variants.values()]
     client = tracking.client()
     run_id = client.create_run(tracking.experiment_id("eval-report-test")).info.run_id
-    report = publish_report.fn(run_id, rows, setup["baseline"].metrics, "eval-report-test", "cpu",
-                               evaluation=setup["data"].description())
+    report = publish_report.fn(rows, baseline=setup["baseline"].metrics, model_name="eval-report-test",
+                               evaluation=setup["data"].description(),
+                               ctx=StepContext(store_root=setup["store"], device="cpu", run_id=run_id))
     windows = setup["data"].windows
     said = (f"perplexity: token-level exp(mean NLL) over {windows} windows of 256 tokens, stride 256 "
             f"({windows * 255} scored tokens) of {setup['data'].source}; text: one document read as is, tokenized once")

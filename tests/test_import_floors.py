@@ -2,7 +2,10 @@
 
 - core (every module under quantmill/ on disk) never imports quantmill.tasks, quantmill.flows or Prefect;
 - a step (quantmill.tasks.<step>, a package counting as one step) never imports another step, nor the flows;
-- private task helpers (quantmill.tasks._*) are shared by the steps and import no step.
+- private task helpers (quantmill.tasks._*) are shared by the steps and import no step;
+- a quantization handler (the module a registered method names) never imports another handler, and no other
+  quantmill.quantize module imports a handler: what handlers share lives in common, gptq_format, gptqmodel_backend;
+- quantmill.methods and quantmill.profile (what `quantmill validate` loads) never import quantmill.quantize (torch).
 Lazy imports (inside functions) count: they run too. `if TYPE_CHECKING:` imports do not.
 """
 
@@ -82,6 +85,43 @@ def violations(allowed: set[tuple[str, str]] = ALLOWED) -> list[str]:
     return sorted(out)
 
 
+SHARED = {"quantmill.quantize", "quantmill.quantize.common", "quantmill.quantize.gptq_format",
+          "quantmill.quantize.gptqmodel_backend", "quantmill.quantize.sensitivity", "quantmill.quantize.run"}
+
+
+def handler_modules() -> set[str]:
+    """The modules registered methods name as their handlers ("package.module:function")."""
+    from quantmill.methods import get_method, known_methods
+
+    return {get_method(m).handler_ref.partition(":")[0] for m in known_methods()}
+
+
+def handler_violations(handlers: set[str]) -> list[str]:
+    """Imports of a handler module from another quantmill.quantize module; of quantmill.quantize from the schema."""
+    mods = modules()
+    out = []
+    for name, path in mods.items():
+        schema = name == "quantmill.profile" or name.startswith("quantmill.methods")
+        if not (name.startswith("quantmill.quantize") or schema):
+            continue
+        for candidates, line in imports(name, path):
+            internal = next((m for m in candidates if m in mods), None)
+            where = f"{path.relative_to(REPO)}:{line}: {name} -> {internal}"
+            if internal in handlers and internal != name and name.startswith("quantmill.quantize"):
+                out.append(f"{where} (imports a handler; move what they share into a shared module)")
+            elif schema and internal and internal.startswith("quantmill.quantize"):
+                out.append(f"{where} (the schema imports the quantization code)")
+    return sorted(out)
+
+
+def test_handlers_are_independent() -> None:
+    handlers = handler_modules()
+    on_disk = {m for m in modules() if m.startswith("quantmill.quantize")}
+    assert handlers == on_disk - SHARED, "every quantmill.quantize module is a handler or shared (SHARED)"
+    found = handler_violations(handlers)
+    assert not found, "quantization handlers import each other:\n" + "\n".join(found)
+
+
 def test_floors() -> None:
     found = violations()
     assert not found, "imports against the floors (core <- tasks <- flows; steps independent):\n" + "\n".join(found)
@@ -109,4 +149,4 @@ def test_validate_imports_neither_prefect_nor_torch(demo_assets) -> None:
 
 
 if __name__ == "__main__":
-    print("\n".join(violations()) or "no violations")
+    print("\n".join(violations() + handler_violations(handler_modules())) or "no violations")

@@ -174,7 +174,7 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
 
     from quantmill import state
     from quantmill.methods.registry import QuantizeJob, build_config
-    from quantmill.tasks.quantize.gptq import quantize_gptq
+    from quantmill.quantize.gptq import quantize_gptq
 
     monkeypatch.setenv("QUANTMILL_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
@@ -199,3 +199,19 @@ def test_gptq_logs_its_name_and_offloads_under_the_state_folder(tmp_path, demo_a
     assert seen[0].startswith("gptq: quantizing with 4 calibration samples"), seen
     assert not any("METHOD." in line for line in seen)
     assert offload and all(p.startswith(f"{scratch}/gptqmodel_") for p in offload), offload
+
+
+def test_every_tokenizer_file_the_check_accepts_is_downloaded_and_copied(tmp_path):
+    """The tokenizer check's files are among those download and merge take and quantize copies beside a checkpoint."""
+    from quantmill.integrity import TOKENIZER_SETS
+    from quantmill.models import META_PATTERNS, SIDE_FILES
+    from quantmill.quantize.common import copy_tokenizer
+
+    assert {name for files in TOKENIZER_SETS for name in files} <= set(SIDE_FILES)
+    assert set(META_PATTERNS) == {"config.json", *SIDE_FILES}
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for name in (*META_PATTERNS, "model.safetensors", "README.md"):
+        (src / name).write_text(name)
+    copy_tokenizer(src, dst)
+    assert sorted(p.name for p in dst.iterdir()) == sorted(SIDE_FILES)

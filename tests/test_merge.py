@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.merge import run_child, synthetic_adapter, synthetic_model
+from quantmill.adapters import detect_training
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
-from quantmill.tasks.merge import MERGE_CACHE, detect_training, merge, merge_lora
+from quantmill.tasks.merge import MERGE_CACHE, merge, merge_lora
 
 STRATEGIES = ("cpu", "streaming")
 
@@ -264,7 +266,7 @@ def test_task_policy_summary_and_cache_key(demo_assets, tmp_path):
 
     base = ModelRef(path=str(demo_assets.model_dir), sha256="b" * 64, source="demo", summary=model_summary(demo_assets.model_dir))
     store = str(tmp_path / "store")
-    ok = merge.fn(base, Source(path=str(demo_assets.adapter_dir)), store, Merge(strategy="streaming"))
+    ok = merge.fn(base, Source(path=str(demo_assets.adapter_dir)), spec=Merge(strategy="streaming"), ctx=StepContext(store_root=store))
     assert ok.merged and ok.summary["adapter_training"]["method"] == "lora" and ok.summary["merge"]["lora_modules"] == 16
     assert "strategy" not in ok.summary["merge"]  # machine-dependent: kept out of downstream cache keys
     qalora = tmp_path / "qalora"
@@ -272,8 +274,8 @@ def test_task_policy_summary_and_cache_key(demo_assets, tmp_path):
     cfg = json.loads((qalora / "adapter_config.json").read_text())
     (qalora / "adapter_config.json").write_text(json.dumps({**cfg, "use_qalora": True}))
     with pytest.raises(QuantmillError, match="use_qalora"):
-        merge.fn(base, Source(path=str(qalora)), store, Merge())
-    skipped = merge.fn(base, Source(path=str(qalora)), store, Merge(on_failure="skip_merge"))
+        merge.fn(base, Source(path=str(qalora)), spec=Merge(), ctx=StepContext(store_root=store))
+    skipped = merge.fn(base, Source(path=str(qalora)), spec=Merge(on_failure="skip_merge"), ctx=StepContext(store_root=store))
     assert not skipped.merged and skipped.path == base.path and skipped.adapter_sha256
     assert skipped.summary["merge"]["skipped"] and "use_qalora" in skipped.summary["merge"]["reason"]
     key = lambda spec: MERGE_CACHE.key_for({"base": base, "adapter": Source(path=str(qalora)), "spec": spec})  # noqa: E731

@@ -13,14 +13,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
-import quantmill.tasks.quantize  # noqa: F401  (registers every method)
+from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
+from quantmill.methods.checks import check_recipe
 from quantmill.methods.mixed import budget_bytes, choose_kept
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
 from quantmill.profile import Recipe
+from quantmill.quantize import sensitivity as sensitivity_module
+from quantmill.quantize.run import run_method
 from quantmill.refs import CalibRef, ModelRef
-from quantmill.tasks.quantize import sensitivity as sensitivity_module
-from quantmill.tasks.quantize.step import check_recipe, run_method
 from tests.test_quantize_gptq_family import (
     load_reference,
     max_logit_error,
@@ -103,7 +104,7 @@ def mixed(request, tmp_path_factory):
         out = root / name
         out.mkdir()
         recipe = Recipe(method=method, **BITS, **params)
-        record = run_method(recipe, model, calib, "cpu", out, log.append, str(root / "store"))
+        record = run_method(recipe, model, calib, ctx=StepContext(store_root=str(root / "store")), out=out, log=log.append)
         return SimpleNamespace(path=out, **record)
 
     runs = {"plain": run("plain", "rtn")}
@@ -149,7 +150,7 @@ def test_sensitivity_is_measured_once_and_recorded(mixed):
 
 @pytest.mark.slow
 def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
-    from quantmill.tasks.quantize.common import model_info
+    from quantmill.modelinfo import model_info
 
     info, sens = model_info(mixed.assets.model_dir), mixed.sensitivity
     shape = {n: (info.linear_in_features[n], info.linear_out_features[n]) for n in sens}
@@ -167,7 +168,7 @@ def test_kept_linears_are_the_most_sensitive_and_fit_the_budget(mixed):
 
 @pytest.mark.slow
 def test_keeping_sensitive_layers_beats_plain_rtn_and_the_control(mixed):
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     windows = mixed.data.windows[:EVAL_WINDOWS]
     fp = load_fp_model(mixed.assets.model_dir, "cpu", torch.float32)

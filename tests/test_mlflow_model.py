@@ -12,9 +12,10 @@ import mlflow
 import pytest
 
 from quantmill import state, tracking
+from quantmill.context import StepContext
 from quantmill.mlmodel import local_path, serving_digest
 from quantmill.profile import Registry
-from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, Lineage, ModelRef, Verdict
 from quantmill.tasks.register import LAYOUT_TAG, SHA_TAG, promote, register
 from tests.conftest import demo_llama
 from tests.test_registry import checkpoint_ref
@@ -24,6 +25,7 @@ METRICS = {"perplexity": 10.2, "nll": 2.3, "kl_mean": 0.01, "top1_agreement": 0.
            "size_bytes": 1000.0}
 BASELINE = EvalRef(name="baseline", method="none", path="/base", metrics={"perplexity": 10.0, "size_bytes": 4000.0},
                    eval_digest="e" * 64, store_key="kb")
+DATA = EvalDataRef(path="/eval", digest="e" * 64, window=8, tokens=70, source="eval.txt", store_key="kd")
 
 
 def real_checkpoint(root: Path, name: str = "rtn-real") -> CheckpointRef:
@@ -43,7 +45,9 @@ def do_register(ckpt: CheckpointRef, reg: Registry, run_id: str, source: str = "
                       merged=True)
     result = EvalRef(name=ckpt.name, method=ckpt.method, path=ckpt.path, metrics=METRICS, eval_digest="e" * 64,
                      store_key="k")
-    return register.fn(ckpt, result, Verdict(name=ckpt.name, passed=True), BASELINE, base, merged, None, reg, run_id)
+    lineage = Lineage(base=base, model=merged, calib=None, data=DATA, baseline=BASELINE)
+    return register.fn(ckpt, result, Verdict(name=ckpt.name, passed=True), lineage=lineage, registry=reg,
+                       ctx=StepContext(store_root=str(state.home() / "store"), run_id=run_id))
 
 
 @pytest.fixture()

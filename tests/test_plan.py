@@ -36,8 +36,8 @@ from pathlib import Path
 import psutil
 from quantmill.profile import Merge, Recipe
 from quantmill.tasks.merge import merge_lora
-from quantmill.tasks.quantize import QuantizeJob, get_method
-from quantmill.tasks.quantize.common import model_info
+from quantmill.methods import QuantizeJob, get_method
+from quantmill.modelinfo import model_info
 
 def measure(fn):
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -46,8 +46,8 @@ def test_unknown_method_lists_methods_and_aliases():
 
 
 def test_alias_clash_refused_at_registration():
+    from quantmill.methods.base import GroupedConfig
     from quantmill.methods.registry import register_method
-    from quantmill.tasks.quantize.rtn import GroupedConfig
 
     class Clash(GroupedConfig):
         pass
@@ -56,7 +56,7 @@ def test_alias_clash_refused_at_registration():
         register_method("clash-test", Clash, aliases=("rtn",))(lambda c, j: None)
     with pytest.raises(ValueError, match="another method's alias"):
         register_method("clash-test", Clash, aliases=("dynamic",))(lambda c, j: None)
-    from quantmill.tasks.quantize import get_method
+    from quantmill.methods import get_method
 
     with pytest.raises(QuantmillError):
         get_method("clash-test")  # nothing was registered

@@ -129,7 +129,7 @@ def recipe_branches(schema: dict) -> dict[str, dict]:
 
 
 def test_schema_offers_every_registered_method_with_its_own_options():
-    from quantmill.tasks.quantize import known_methods
+    from quantmill.methods import known_methods
 
     schema = flow_schema()
     branches = recipe_branches(schema)

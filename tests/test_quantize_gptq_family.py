@@ -19,17 +19,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
-import quantmill.tasks.quantize  # noqa: F401  (importing the package registers every method)
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
-from quantmill.tasks.quantize.rtn import (
+from quantmill.quantize.gptq_format import (
     dequantize_weight,
     gptq_tensors,
     pack_int32,
     quantize_weight,
     require_all_quantized,
-    rtn_quantize_model,
     unpack_int32,
 )
+from quantmill.quantize.rtn import rtn_quantize_model
 
 SEQ = 128
 CALIB_SAMPLES = 16
@@ -218,7 +217,7 @@ def load_reference(model_dir: Path, ckpt: Path) -> torch.nn.Module:
     """fp32 model whose weights are the checkpoint's tensors, dequantized by this test's own unpackers."""
     from safetensors.torch import load_file
 
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     cfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     bits, state = cfg["bits"], {}
@@ -255,7 +254,8 @@ def score(model, windows: torch.Tensor, ref_logprobs: list[torch.Tensor]) -> tup
 
 def noisy_copies(model_dir: Path, rtn: torch.nn.Module, seeds: int = 4):
     """fp models perturbed by Gaussian noise with the per-layer RMS of RTN's rounding error ("RTN-size" noise)."""
-    from quantmill.tasks.quantize.common import load_fp_model, target_linears
+    from quantmill.modelinfo import target_linears
+    from quantmill.quantize.common import load_fp_model
 
     for seed in range(seeds):
         gen, model = torch.Generator().manual_seed(seed), load_fp_model(model_dir, "cpu", torch.float32)
@@ -312,7 +312,7 @@ def test_checkpoints_reload_in_fresh_process(assets, data, runs, tmp_path):
 
 @pytest.mark.slow
 def test_rtn_checkpoint_equals_in_memory_model(assets, runs):
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     for key in ("rtn", "rtn3"):
         model = load_fp_model(assets.model_dir, "cpu", torch.float32)
@@ -358,7 +358,7 @@ def test_checkpoint_layout_as_vllm_expects(runs):
 
 @pytest.mark.slow
 def test_calibrated_methods_beat_rtn_beyond_noise(assets, data, runs):
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     fp = load_fp_model(assets.model_dir, "cpu", torch.float32)
     with torch.no_grad():
@@ -390,7 +390,7 @@ def test_autoawq_backend_when_installed(assets, data, runs, tmp_path):
     pytest.importorskip("awq", reason="autoawq not installed (optional; pip install --no-deps autoawq==0.2.9)")
     if not assets.root.name.startswith("llama"):
         pytest.skip("the backend comparison runs on the Llama model (measured 1.2% apart on Qwen2 too; ~1 min)")
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     config = build_config("awq", {"group_size": 128, "backend": "autoawq"})
     config.check_device("cpu")

@@ -27,7 +27,6 @@ PROBE = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, sys.argv[1])
     import gptqmodel, torch, transformers  # noqa: F401 - imported before the baseline
-    import quantmill.tasks.quantize  # noqa: F401 - registers the methods
     from pathlib import Path
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
-from quantmill.tasks.quantize import bnb, dynamic_int8, fp8
-from quantmill.tasks.quantize.common import audit_quantized
+from quantmill.quantize import bnb, dynamic_int8, fp8
+from quantmill.quantize.common import audit_quantized
 
 METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 STEPS = {**dict.fromkeys(METHODS[:3], (bnb.quantize_bnb, bnb.save_bnb)), "fp8": (fp8.quantize_fp8, fp8.save_fp8),
@@ -337,7 +337,7 @@ def test_every_registered_handler_resolves_to_its_method_module():
 
     for name in known_methods():
         ref = _METHODS[name].handler_ref
-        assert isinstance(ref, str) and ref.startswith("quantmill.tasks.quantize."), (name, ref)
+        assert isinstance(ref, str) and ref.startswith("quantmill.quantize."), (name, ref)
         handler = get_method(name).handler
         assert callable(handler) and f"{handler.__module__}:{handler.__name__}" == ref
         assert get_method(name).summary == handler.__doc__.strip().splitlines()[0]  # the form's text, one source

@@ -23,11 +23,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
-import quantmill.tasks.quantize  # noqa: F401  (registers every method)
 from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
-from quantmill.tasks.quantize import gguf_export, w8a8
-from quantmill.tasks.quantize.common import model_info
+from quantmill.modelinfo import model_info
+from quantmill.quantize import gguf_export, w8a8
 from tests.test_quantize_gptq_family import (
     load_reference,
     max_logit_error,
@@ -91,7 +90,8 @@ def test_model_checks_name_the_field(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_smoothing_keeps_the_fp_model(arch, request):
     """Scaling the linears' columns by s and the norms (up_proj rows) by 1/s leaves the logits as they were."""
-    from quantmill.tasks.quantize.common import load_fp_model, target_linears
+    from quantmill.modelinfo import target_linears
+    from quantmill.quantize.common import load_fp_model
 
     assets = request.getfixturevalue("demo_assets" if arch == "llama" else "qwen2_assets")
     model = load_fp_model(assets.model_dir, "cpu", torch.float64)
@@ -150,7 +150,7 @@ def data(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp_logprobs(assets, data):
     """The fp model's log-probs on the eval windows (batches of 16), the reference of `score`."""
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     fp = load_fp_model(assets.model_dir, "cpu", torch.float32)
     with torch.no_grad():
@@ -263,7 +263,7 @@ def w8a8_reference(model_dir: Path, ckpt: Path, static: bool) -> torch.nn.Module
     """This test's own W8A8 model: the checkpoint's int8 * weight_scale, its norms, inputs fake-quantized to int8."""
     from safetensors.torch import load_file
 
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     t = load_file(str(ckpt / "model.safetensors"))
     state = {k: v for k, v in t.items() if not k.endswith(("_scale",)) and v.dtype != torch.int8}
@@ -315,7 +315,7 @@ def test_w8a8_reloads_runs_int8_activations_and_smoothing_helps(assets, data, w8
 
 def load_reference_fp(assets):
     """The fp32 model."""
-    from quantmill.tasks.quantize.common import load_fp_model
+    from quantmill.quantize.common import load_fp_model
 
     return load_fp_model(assets.model_dir, "cpu", torch.float32)
 

@@ -11,10 +11,11 @@ import mlflow
 import pytest
 
 from quantmill import tracking
+from quantmill.context import StepContext
 from quantmill.hashing import hash_tree
 from quantmill.mlmodel import serving_digest
 from quantmill.profile import Registry
-from quantmill.refs import CheckpointRef, EvalRef, ModelRef, Verdict
+from quantmill.refs import CheckpointRef, EvalDataRef, EvalRef, Lineage, ModelRef, Verdict
 from quantmill.tasks.register import SHA_TAG, promote, register
 from tests.conftest import demo_llama
 
@@ -51,6 +52,8 @@ def evals(ppl: float) -> EvalRef:
 BASE = ModelRef(path="/base", sha256="b" * 64, source="org/base", revision="abc")
 BASELINE = EvalRef(name="baseline", method="none", path="/base", metrics={"perplexity": 10.0, "size_bytes": 1000.0},
                    eval_digest="e" * 64, store_key="kb")
+DATA = EvalDataRef(path="/eval", digest="e" * 64, window=8, tokens=70, source="eval.txt", store_key="kd")
+LINEAGE = Lineage(base=BASE, model=BASE, calib=None, data=DATA, baseline=BASELINE)
 PASS = Verdict(name="v", passed=True)
 
 
@@ -67,7 +70,8 @@ def run_id(registry) -> str:
 
 def do_register(ckpt: CheckpointRef, ppl: float, registry: Registry, run_id: str, passed: bool = True):
     verdict = Verdict(name=ckpt.name, passed=passed, reasons=[] if passed else ["perplexity too high"])
-    return register.fn(ckpt, evals(ppl), verdict, BASELINE, BASE, BASE, None, registry, run_id)
+    return register.fn(ckpt, evals(ppl), verdict, lineage=LINEAGE, registry=registry,
+                       ctx=StepContext(store_root="unused: register reads no artifact", run_id=run_id))
 
 
 def test_same_checkpoint_registers_once_with_files_and_card(tmp_path, registry, run_id):

@@ -1,7 +1,7 @@
 """Quantization methods as data: each method's config model and facts, registered by name (core floor).
 
 Pydantic only: importing this package (what validating a profile does) loads neither torch nor Prefect. Handlers
-live in quantmill.tasks.quantize.<method> and are named by import path in each registration.
+live in quantmill.quantize.<method> and are named by import path in each registration.
 """
 
 # Each config module registers its method(s) on import; this list is the set of built-in methods.

@@ -45,7 +45,7 @@ def require_auto_round() -> None:
 register_config(
     "autoround",
     AutoRoundConfig,
-    handler="quantmill.tasks.quantize.autoround:quantize_autoround",
+    handler="quantmill.quantize.autoround:quantize_autoround",
     calibrated=True,
     summary="AutoRound (sign-gradient rounding/clipping tuning) through auto-round, saved as a GPTQ v1 checkpoint.",
     facts=MethodFacts(memory=(2.0, 64 * MiB, None),  # a GPTQ-format writer like gptq

@@ -68,7 +68,7 @@ def require_autoawq() -> None:
 register_config(
     "awq",
     AWQConfig,
-    handler="quantmill.tasks.quantize.awq:quantize_awq",
+    handler="quantmill.quantize.awq:quantize_awq",
     calibrated=True,
     summary="AWQ 4-bit (activation-aware scales, clipping), saved as an AutoAWQ GEMM checkpoint.",
     facts=MethodFacts(memory=(2.0, 136 * MiB, None), library="gptqmodel", loader_library="gptqmodel", eval_dequant=3.0,

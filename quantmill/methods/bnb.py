@@ -71,7 +71,7 @@ class BnbFP4Config(Bnb4bitConfig):
 register_config(
     "bnb-int8",
     BnbInt8Config,
-    handler="quantmill.tasks.quantize.bnb:quantize_bnb_int8",
+    handler="quantmill.quantize.bnb:quantize_bnb_int8",
     calibrated=False,
     aliases=("bnb-8bit",),
     summary="bitsandbytes LLM.int8 (8-bit weights, fp16 outliers); reloads with from_pretrained on CPU or CUDA.",
@@ -82,7 +82,7 @@ register_config(
 register_config(
     "bnb-nf4",
     BnbNF4Config,
-    handler="quantmill.tasks.quantize.bnb:quantize_bnb_nf4",
+    handler="quantmill.quantize.bnb:quantize_bnb_nf4",
     calibrated=False,
     aliases=("bnb-4bit",),
     summary="bitsandbytes 4-bit NormalFloat (QLoRA format); reloads with from_pretrained on CPU or CUDA.",
@@ -93,7 +93,7 @@ register_config(
 register_config(
     "bnb-fp4",
     BnbFP4Config,
-    handler="quantmill.tasks.quantize.bnb:quantize_bnb_fp4",
+    handler="quantmill.quantize.bnb:quantize_bnb_fp4",
     calibrated=False,
     summary="bitsandbytes 4-bit float (e2m1); reloads with from_pretrained on CPU or CUDA.",
     facts=MethodFacts(memory=(1.0, 16 * MiB, 0), library="bitsandbytes", eval_dequant=1.5,

@@ -27,7 +27,7 @@ class DynamicInt8Config(FixedBitsConfig):
 register_config(
     "dynamic-int8",
     DynamicInt8Config,
-    handler="quantmill.tasks.quantize.dynamic_int8:quantize_dynamic_int8_handler",
+    handler="quantmill.quantize.dynamic_int8:quantize_dynamic_int8_handler",
     calibrated=False,
     aliases=("dynamic",),
     summary="torchao int8 weights + dynamic per-token int8 activations; reloads with from_pretrained (torchao installed).",

@@ -21,7 +21,7 @@ class FP8Config(FixedBitsConfig):
 register_config(
     "fp8",
     FP8Config,
-    handler="quantmill.tasks.quantize.fp8:quantize_fp8_handler",
+    handler="quantmill.quantize.fp8:quantize_fp8_handler",
     calibrated=False,
     summary="Weight-only FP8 e4m3 per channel, compressed-tensors format (vLLM on Hopper; CPU reload: compressed-tensors).",
     facts=MethodFacts(memory=(0.5, 0, 0), library="", loader=("compressed-tensors", "pip install compressed-tensors"),

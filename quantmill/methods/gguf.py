@@ -85,7 +85,7 @@ def loader_kwargs(path: str | Path) -> dict[str, str]:
 register_config(
     "gguf",
     GGUFConfig,
-    handler="quantmill.tasks.quantize.gguf_export:export_gguf",
+    handler="quantmill.quantize.gguf_export:export_gguf",
     calibrated=False,
     summary="GGUF file (llama.cpp, Ollama, LM Studio): Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/BF16 weights, tokenizer + chat template.",
     facts=MethodFacts(memory=(0.5, 0, 4),  # streams tensors (F32 norms; embeddings quantized too: an over-estimate)

@@ -48,7 +48,7 @@ class GPTQConfig(GPTQFamilyConfig):
 register_config(
     "gptq",
     GPTQConfig,
-    handler="quantmill.tasks.quantize.gptq:quantize_gptq",
+    handler="quantmill.quantize.gptq:quantize_gptq",
     calibrated=True,
     summary="GPTQ through GPTQModel (layer-by-layer, Hessian-corrected), saved in GPTQ v1 format.",
     facts=MethodFacts(memory=(2.0, 136 * MiB, None), library="gptqmodel", loader_library="gptqmodel", eval_dequant=3.0,

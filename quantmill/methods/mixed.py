@@ -2,7 +2,7 @@
 
 A recipe opts in with `mixed_precision: {max_size_bytes: N}` or `{max_size_ratio: r}` (weights at most r times their
 fp16 size). The quantize step measures every linear's sensitivity once per model + calibration + bits/group/sym
-(tasks/quantize/sensitivity.py, cached in the store); `plan_mixed` then keeps linears in fp16, most sensitivity per
+(quantmill/quantize/sensitivity.py, cached in the store); `plan_mixed` then keeps linears in fp16, most sensitivity per
 extra byte first, while the estimated weight bytes stay within the budget. Kept linears are written as plain fp16
 weights and named twice in `quantization_config`: `modules_in_block_to_quantize` (the quantized ones; what
 transformers + optimum read) and `dynamic` "-:" patterns (what GPTQModel and vLLM read).

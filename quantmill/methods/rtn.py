@@ -13,7 +13,7 @@ class RTNConfig(GPTQFamilyConfig):
 register_config(
     "rtn",
     RTNConfig,
-    handler="quantmill.tasks.quantize.rtn:quantize_rtn",
+    handler="quantmill.quantize.rtn:quantize_rtn",
     calibrated=False,
     summary="Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint.",
     facts=MethodFacts(memory=(2.0, 100 * MiB, None), library="rtn", loader_library="gptqmodel", eval_dequant=3.0,

@@ -68,7 +68,7 @@ class W8A8Int8Config(FixedBitsConfig):
 register_config(
     "w8a8-int8",
     W8A8Int8Config,
-    handler="quantmill.tasks.quantize.w8a8:quantize_w8a8",
+    handler="quantmill.quantize.w8a8:quantize_w8a8",
     calibrated=True,
     summary="W8A8 int8 (SmoothQuant + per-channel int8 weights + static/dynamic int8 activations), compressed-tensors.",
     facts=MethodFacts(memory=(1.0, 0, 0),  # norms/embeddings stay in the load dtype

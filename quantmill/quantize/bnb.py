@@ -26,22 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from quantmill.methods.bnb import (  # noqa: F401 - re-exported
-    Bnb4bitConfig,
-    BnbFP4Config,
-    BnbInt8Config,
-    BnbNF4Config,
-    ComputeDtype,
-)
+from quantmill.methods.base import FixedBitsConfig
+from quantmill.methods.bnb import Bnb4bitConfig, BnbFP4Config, BnbInt8Config, BnbNF4Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.common import (
-    FixedBitsConfig,
-    audit_quantized,
-    base_dtype,
-    copy_tokenizer,
-    layer_errors,
-    skipped_linears,
-)
+from quantmill.quantize.common import audit_quantized, base_dtype, copy_tokenizer, layer_errors, skipped_linears
 
 if TYPE_CHECKING:  # imported where used: loading this module stays light
     from collections.abc import Callable

@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
+from quantmill.caching import noted_key
+from quantmill.modelinfo import target_linears
+from quantmill.quantize.common import load_fp_model
+from quantmill.quantize.gptq_format import dequantize_weight, quantize_weight
 from quantmill.refs import CalibRef, ModelRef
 from quantmill.store import ArtifactStore
-from quantmill.tasks._cache import StepCache
-from quantmill.tasks.quantize.common import load_fp_model, target_linears
-from quantmill.tasks.quantize.rtn import dequantize_weight, quantize_weight
 
 CODE_VERSION = "1"
 FILE = "sensitivity.json"
@@ -52,7 +53,8 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
     """{linear: mean per-token KL(fp || only that linear RTN-quantized)} on the first `samples` windows."""
     from safetensors.torch import load_file
 
-    from quantmill.scoring import LOGITS_BUDGET, topk_kl
+    from quantmill.metrics import LOGITS_BUDGET
+    from quantmill.scoring import topk_kl
 
     data = load_file(str(calib_path))
     windows = data["input_ids"][: params["samples"]].to(device)
@@ -79,13 +81,10 @@ def measure_sensitivity(model_dir: Path, calib_path: Path, params: dict[str, Any
     return out
 
 
-SENSITIVITY_CACHE = StepCache(step="sensitivity", code_version=CODE_VERSION)
-
-
 def measured(model: ModelRef, calib: CalibRef, params: dict[str, Any], device: str, store_root: str,
              progress: Callable[[str], None] = print) -> Sensitivity:
     """The stored sensitivities for these inputs, measuring them first when the store has none."""
-    key = SENSITIVITY_CACHE.key_for({"model": model, "calib": calib, "params": params, "device": device})
+    key = noted_key("sensitivity", CODE_VERSION, {"model": model, "calib": calib, "params": params, "device": device})
 
     def build(out: Path) -> dict:
         start = time.perf_counter()

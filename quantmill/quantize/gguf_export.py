@@ -19,21 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantmill.methods.gguf import (  # noqa: F401 - re-exported  # noqa: F401 - re-exported
-    ARCHITECTURES,
-    BITS,
-    BLOCK,
-    GGUFArch,
-    GGUFConfig,
-    QuantType,
-    gguf_file_in,
-    loader_kwargs,
-)
-from quantmill.methods.registry import (
-    QuantizeJob,
-    QuantizeResult,
-)
-from quantmill.tasks.quantize.common import relative_error
+from quantmill.methods.gguf import ARCHITECTURES, GGUFConfig
+from quantmill.methods.registry import QuantizeJob, QuantizeResult
+from quantmill.quantize.common import relative_error
 
 GGUF_FILE = "model.gguf"
 

@@ -15,20 +15,10 @@ from pathlib import Path
 
 import torch
 
-from quantmill.methods.autoround import (  # noqa: F401 - re-exported
-    AUTOROUND_HINT,
-    AutoRoundConfig,
-    require_auto_round,
-)
+from quantmill.methods.autoround import AutoRoundConfig, require_auto_round
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.gptq import (
-    finish_checkpoint,
-    load_calibration,
-    target_and_kept,
-)
-from quantmill.tasks.quantize.rtn import (
-    v1_zero_underflows,
-)
+from quantmill.quantize.gptq_format import v1_zero_underflows
+from quantmill.quantize.gptqmodel_backend import finish_checkpoint, load_calibration, target_and_kept
 
 
 def run_auto_round(config: AutoRoundConfig, job: QuantizeJob, tmp: Path) -> Path:

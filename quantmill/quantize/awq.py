@@ -7,15 +7,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from quantmill.methods.awq import (  # noqa: F401 - re-exported
-    AUTOAWQ_HINT,
-    AWQ_KERNELS,
-    CPU_KERNELS,
-    AWQConfig,
-    require_autoawq,
-)
+from quantmill.methods.awq import AWQ_KERNELS, AWQConfig, require_autoawq
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.gptq import (
+from quantmill.quantize.gptqmodel_backend import (
     finish_checkpoint,
     gptqmodel_device,
     load_calibration,

@@ -23,13 +23,7 @@ from torch import nn
 
 from quantmill.methods.dynamic_int8 import DynamicInt8Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.common import (
-    audit_quantized,
-    base_dtype,
-    copy_tokenizer,
-    layer_errors,
-    skipped_linears,
-)
+from quantmill.quantize.common import audit_quantized, base_dtype, copy_tokenizer, layer_errors, skipped_linears
 
 if TYPE_CHECKING:  # imported where used: loading this module stays light
     from transformers import TorchAoConfig

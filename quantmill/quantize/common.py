@@ -1,4 +1,4 @@
-"""Helpers shared by quantization handlers: loading, module discovery, saving beside the tokenizer."""
+"""Helpers shared by the quantization handlers: loading, module discovery, audits, saving beside the tokenizer."""
 
 from __future__ import annotations
 
@@ -10,21 +10,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantmill.devices import pick_device  # noqa: F401 - re-exported
-from quantmill.methods.base import DEFAULT_KEEP, FixedBitsConfig, fixed_bits_schema  # noqa: F401 - re-exported
-from quantmill.modelinfo import model_info, target_linears  # noqa: F401 - re-exported
+from quantmill.modelinfo import meta_model, target_linears
+from quantmill.models import SIDE_FILES
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM fuses these: same scheme required
 
 
 def load_fp_model(model_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -55,7 +44,7 @@ def kept_dtype(model_dir: Path) -> torch.dtype:
 def copy_tokenizer(src: Path, dst: Path) -> None:
     """Copy tokenizer and generation files so a checkpoint is self-contained."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
 
@@ -75,12 +64,28 @@ def checkpoint_size(path: Path) -> int:
 
 def skipped_linears(model_dir: Path, keep: tuple[str, ...]) -> list[str]:
     """Full names of the nn.Linear modules a method leaves alone (built on the meta device, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model = meta_model(model_dir)
     targets = target_linears(model, keep)
     return sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
+
+
+def kept_module_names(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
+    """Weight-bearing modules left in full precision: untargeted linears (lm_head) and embeddings."""
+    return sorted(
+        n for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets
+    )
+
+
+def check_fused_groups(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """vLLM fuses q/k/v and gate/up into one layer: all members must be quantized or all kept."""
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name in sorted(names):
+        prefix, _, leaf = name.rpartition(".")
+        for group in _FUSED_GROUPS:
+            members = [f"{prefix}.{g}".lstrip(".") for g in group if f"{prefix}.{g}".lstrip(".") in names]
+            if leaf == group[0] and len({m in targets for m in members}) > 1:
+                raise ValueError(f"skip_modules: {', '.join(members)} are fused by vLLM; skip all of them or none")
 
 
 def audit_quantized(
@@ -91,10 +96,7 @@ def audit_quantized(
     for name, module in sorted(targets.items()):
         if not is_quantized(module):
             raise RuntimeError(f"{method}: module {name} was not quantized (still {type(module).__name__})")
-    kept = sorted(
-        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets
-    )
-    return sorted(targets), kept
+    return sorted(targets), kept_module_names(model, targets)
 
 
 def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:

@@ -23,17 +23,17 @@ from torch import nn
 
 from quantmill.methods.fp8 import FP8Config
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.common import (
+from quantmill.modelinfo import target_linears
+from quantmill.quantize.common import (
     audit_quantized,
+    check_fused_groups,
     copy_tokenizer,
     layer_errors,
     relative_error,
-    target_linears,
 )
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-_FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM fuses these: same scheme required
 
 
 class FP8Linear(nn.Linear):
@@ -61,17 +61,6 @@ def quantize_fp8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach().float()
     scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def check_fused_groups(model: nn.Module, targets: dict[str, nn.Module]) -> None:
-    """vLLM fuses q/k/v and gate/up into one layer: all members must be quantized or all kept."""
-    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for name in sorted(names):
-        prefix, _, leaf = name.rpartition(".")
-        for group in _FUSED_GROUPS:
-            members = [f"{prefix}.{g}".lstrip(".") for g in group if f"{prefix}.{g}".lstrip(".") in names]
-            if leaf == group[0] and len({m in targets for m in members}) > 1:
-                raise ValueError(f"skip_modules: {', '.join(members)} are fused by vLLM; skip all of them or none")
 
 
 @torch.no_grad()

@@ -27,16 +27,19 @@ import torch
 from torch import nn
 
 from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.methods.w8a8 import LLAMA_LIKE, SMOOTH_MAPS, SmoothMap, W8A8Int8Config  # noqa: F401 - re-exported
-from quantmill.tasks.quantize.common import (
+from quantmill.methods.w8a8 import SMOOTH_MAPS, W8A8Int8Config
+from quantmill.modelinfo import target_linears
+from quantmill.quantize.common import (
     base_dtype,
+    check_fused_groups,
     copy_tokenizer,
+    kept_module_names,
     load_fp_model,
     relative_error,
-    target_linears,
     write_checkpoint,
 )
-from quantmill.tasks.quantize.fp8 import check_fused_groups
+from quantmill.quantize.gptq_format import unpack_int32
+from quantmill.quantize.gptqmodel_backend import gptqmodel_device, load_calibration, run_gptqmodel
 
 INT8_MAX = 127.0
 
@@ -115,9 +118,6 @@ def gptq_int8(model: nn.Module, job: QuantizeJob, names: list[str]) -> dict[str,
     from gptqmodel import QuantizeConfig
     from safetensors import safe_open
 
-    from quantmill.tasks.quantize.gptq import gptqmodel_device, run_gptqmodel
-    from quantmill.tasks.quantize.rtn import unpack_int32
-
     with tempfile.TemporaryDirectory(prefix="w8a8-gptq-") as tmp:
         smoothed_dir, gptq_dir = Path(tmp) / "smoothed", Path(tmp) / "gptq"
         model.save_pretrained(smoothed_dir)
@@ -169,8 +169,6 @@ def save_checkpoint(model: nn.Module, quantized: dict[str, dict[str, torch.Tenso
 
 def calibration_rows(job: QuantizeJob) -> list[torch.Tensor]:
     """The calibration input_ids the step tokenized, one 1-D row per sample (samples may differ in length)."""
-    from quantmill.tasks.quantize.gptq import load_calibration
-
     return [r["input_ids"] for r in load_calibration(job.calibration)]
 
 
@@ -203,7 +201,7 @@ def quantize_w8a8(config: W8A8Int8Config, job: QuantizeJob) -> QuantizeResult:
         if config.activations == "static":
             packed[n]["input_scale"] = (stats[n].max() / INT8_MAX).clamp_min(1e-8).reshape(1).to(dtype).cpu()
         errors[n] = relative_error(originals[n], w8.float() * scale)
-    kept = sorted(n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets)
+    kept = kept_module_names(model, targets)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets)
     save_checkpoint(model, packed, compressed_tensors_config(config.activations, ignore), job.out_dir, dtype=dtype)
     copy_tokenizer(job.model_dir, job.out_dir)

@@ -1,4 +1,5 @@
-"""GPTQ (Hessian-aware, layer-by-layer) through GPTQModel, saved as a GPTQ v1 checkpoint."""
+"""Driving GPTQModel (shared by gptq, awq and w8a8's GPTQ weights) and finishing its checkpoints: calibration rows,
+devices and compute dtypes, the quant log's per-layer losses, kept-tensor dtypes, coverage checks."""
 
 from __future__ import annotations
 
@@ -10,15 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from quantmill.methods.base import check_kernel  # noqa: F401 - re-exported
-from quantmill.methods.gptq import CPU_KERNELS, GPTQ_KERNELS, ComputeDtype, GPTQConfig  # noqa: F401 - re-exported
-from quantmill.methods.registry import QuantizeJob, QuantizeResult
-from quantmill.tasks.quantize.common import copy_tokenizer, kept_dtype, target_linears
-from quantmill.tasks.quantize.rtn import (
-    kept_module_names,
-    require_all_quantized,
-    v1_zero_underflows,
-)
+from quantmill.methods.registry import QuantizeJob
+from quantmill.modelinfo import meta_model, target_linears
+from quantmill.quantize.common import copy_tokenizer, kept_dtype, kept_module_names
+from quantmill.quantize.gptq_format import require_all_quantized
 
 if TYPE_CHECKING:  # imported where used: loading this module stays light
     from gptqmodel import QuantizeConfig
@@ -123,10 +119,7 @@ def finish_checkpoint(job: QuantizeJob, targets: list[str], kept: list[str], qua
 
 def target_and_kept(model_dir: Path) -> tuple[list[str], list[str]]:
     """Targeted linear names and full-precision module names, from the config alone (meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model = meta_model(model_dir)
     targets = target_linears(model)
     return sorted(targets), kept_module_names(model, targets)
 
@@ -153,32 +146,3 @@ def run_gptqmodel(job: QuantizeJob, qcfg: QuantizeConfig, kernel: str, batch_siz
     quant_log = model.quantize(calibration, batch_size=batch_size, backend=kernel, calibration_sort=None)
     model.save(str(job.out_dir))
     return quant_log or getattr(model, "quant_log", None)
-
-
-def quantize_gptq(config: GPTQConfig, job: QuantizeJob) -> QuantizeResult:
-    """GPTQ through GPTQModel (layer-by-layer, Hessian-corrected), saved in GPTQ v1 format."""
-    from gptqmodel import QuantizeConfig
-
-    targets, kept = target_and_kept(job.model_dir)
-    plan = config.mixed_plan(job)
-    if plan:  # kept linears: excluded from GPTQ by `dynamic`, saved as fp16 weights
-        targets, kept = [t for t in targets if t not in plan.kept], sorted(kept + plan.kept)
-    mixed = plan.quantization_config(targets) if plan else {}
-    qcfg = QuantizeConfig(
-        bits=config.bits, group_size=config.group_size, desc_act=config.desc_act, sym=config.sym,
-        damp_percent=config.damp_percent, true_sequential=config.true_sequential,
-        act_group_aware=config.act_group_aware and not config.desc_act and config.group_size > 0,
-        format="gptq", device=gptqmodel_device(job.device), dynamic=mixed.get("dynamic"),
-    )
-    kernel = "gptq_torch" if config.kernel == "auto" and job.device != "cuda" else GPTQ_KERNELS[config.kernel]
-    quant_log = run_gptqmodel(job, qcfg, kernel, config.batch_size, cpu_dtype=resolve_cpu_dtype(config.compute_dtype))
-    quantized = finish_checkpoint(job, targets, kept, {"lm_head": False, **mixed})
-    bad = [] if config.sym else v1_zero_underflows(job.out_dir, config.bits)
-    if bad:  # GPTQModel computes zero=round(-min/scale), which can be 0; v1 stores zero-1 -> borrows into a neighbour
-        raise RuntimeError(f"asymmetric GPTQ produced zero-point 0 in {bad[0]} ({len(bad)} modules); the GPTQ v1 "
-                           "checkpoint would be misread per field (vLLM); use sym=true")
-    errors = parse_layer_errors(quant_log, quantized)
-    mean = sum(errors.values()) / max(1, len(errors))
-    job.progress(f"gptq: {len(quantized)} linears quantized, mean GPTQ loss {mean:.3g}")
-    extra = {"mixed_precision": plan.record(job.out_dir)} if plan else {}
-    return QuantizeResult(quantized_modules=quantized, kept_modules=kept, layer_errors=errors, extra=extra)

@@ -1,4 +1,5 @@
-"""Round-to-nearest weight-only quantization, written as a GPTQ (v1) checkpoint; the family's shared helpers."""
+"""The GPTQ (v1) checkpoint format: round-to-nearest group quantization, int32 bit packing, the checkpoint's
+tensors and quantization_config, and the audits of a written checkpoint (shared by rtn, gptq, awq, autoround)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantmill.methods.base import (  # noqa: F401 - re-exported
-    CPU_INT4_GROUPS,
-    GPTQFamilyConfig,
-    GroupedConfig,
-    check_cpu_int4_group,
-)
-from quantmill.methods.registry import (
-    QuantizeJob,
-    QuantizeResult,
-)
-from quantmill.methods.rtn import RTNConfig
-from quantmill.tasks.quantize.common import (
-    copy_tokenizer,
-    kept_dtype,
-    load_fp_model,
-    target_linears,
-    write_checkpoint,
-)
+from quantmill.methods.base import GPTQFamilyConfig
+from quantmill.quantize.common import write_checkpoint
 
 _MIN_SCALE = 1e-6  # representable in fp16 (subnormal); guards all-zero groups
 
@@ -127,14 +112,6 @@ def gptq_tensors(
     return tensors
 
 
-def kept_module_names(model: nn.Module, targets: dict[str, nn.Module]) -> list[str]:
-    """Weight-bearing modules left in full precision: untargeted linears (lm_head) and embeddings."""
-    return sorted(
-        n for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Embedding)) and n not in targets
-    )
-
-
 def checkpoint_quantized(out_dir: Path) -> set[str]:
     """Module names that carry a packed `qweight` in a saved checkpoint."""
     from safetensors import safe_open
@@ -175,26 +152,6 @@ def gptq_quantization_config(config: GPTQFamilyConfig, kept: list[str]) -> dict:
             "modules_to_not_convert": kept}
 
 
-@torch.no_grad()
-def rtn_quantize_model(
-    model: nn.Module, config: RTNConfig, skip: tuple[str, ...] = ()
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Quantize the targeted linears (but `skip`) in place (weights -> dequantized values); return packed tensors."""
-    from quantmill.console import progress
-
-    packed = {}
-    linears = target_linears(model)
-    for done, (name, lin) in enumerate(linears.items(), 1):
-        progress("quantize", done, len(linears), "linears")
-        if name in skip:
-            continue
-        codes, scales, zeros = quantize_weight(lin.weight, config.bits, config.group_size, config.sym)
-        tensors = gptq_tensors(codes, scales, zeros, config.bits, lin.bias)
-        packed[name] = {k: v.cpu() for k, v in tensors.items()}
-        lin.weight.copy_(dequantize_weight(codes, scales, zeros).to(lin.weight.dtype))
-    return packed
-
-
 def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Tensor]], qcfg: dict, out_dir: Path,
                          dtype: torch.dtype = torch.float16) -> None:
     """Write model.safetensors (packed linears + the rest in `dtype`) and config.json with quantization_config."""
@@ -208,20 +165,3 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     for name, tensors in packed.items():
         state.update({f"{name}.{k}": v.contiguous() for k, v in tensors.items()})
     write_checkpoint(model, state, qcfg, out_dir, dtype)
-
-
-def quantize_rtn(config: RTNConfig, job: QuantizeJob) -> QuantizeResult:
-    """Round-to-nearest weight-only baseline, saved as a GPTQ v1 checkpoint."""
-    plan = config.mixed_plan(job)
-    skip = tuple(plan.kept) if plan else ()
-    model = load_fp_model(job.model_dir, job.device)  # fp16 on CUDA, fp32 on CPU; math is fp32 per layer
-    targets = {n: m for n, m in target_linears(model).items() if n not in skip}
-    kept = kept_module_names(model, targets)
-    job.progress(f"rtn: quantizing {len(targets)} linears to {config.bits} bits on {job.device}")
-    packed = rtn_quantize_model(model, config, skip)
-    qcfg = gptq_quantization_config(config, kept) | (plan.quantization_config(list(targets)) if plan else {})
-    save_gptq_checkpoint(model, packed, qcfg, job.out_dir, dtype=kept_dtype(job.model_dir))
-    copy_tokenizer(job.model_dir, job.out_dir)
-    quantized = require_all_quantized(list(targets), job.out_dir)
-    extra = {"mixed_precision": plan.record(job.out_dir)} if plan else {}
-    return QuantizeResult(quantized_modules=quantized, kept_modules=kept, extra=extra)
