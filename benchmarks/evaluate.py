@@ -71,7 +71,8 @@ def main() -> int:
     from quantmill.demo import build_demo_assets
     from quantmill.profile import Evaluation
     from quantmill.refs import CheckpointRef, ModelRef
-    from quantmill.tasks.evaluate import eval_data, evaluate, load_windows
+    from quantmill.tasks.evaluate import eval_data, evaluate
+    from quantmill.windows import load_windows
 
     cache = Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")
     assets = build_demo_assets(cache, arch="llama", with_adapter=False)

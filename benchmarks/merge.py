@@ -37,7 +37,7 @@ def synthetic_model(out: Path, hidden: int = 512, layers: int = 4, vocab: int = 
     import torch
     from safetensors.torch import save_file
 
-    from quantmill.plan import config_weights
+    from quantmill.weights import config_weights
 
     cfg = llama_config(hidden, layers, vocab, dtype)
     shapes = {n: s for n, (_, s) in config_weights(cfg).tensors.items()}
@@ -107,7 +107,7 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
         import transformers  # noqa: F401 - the reference's libraries load before the baseline
     else:
         import quantmill.tasks.merge  # noqa: F401 - the step's modules load before the baseline
-        from quantmill.plan import this_machine
+        from quantmill.machine import this_machine
 
         this_machine()  # first-use costs (yaml, psutil, torch's thread pool) are not the merge's memory
         torch.ones(64, 64) @ torch.ones(64, 64)
@@ -123,8 +123,8 @@ def child(mode: str, base: str, adapter: str, out: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
         PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
     elif mode != "baseline":
+        from quantmill.merging import merge_lora
         from quantmill.profile import Merge
-        from quantmill.tasks.merge import merge_lora
 
         merge_lora(Path(base), Path(adapter), Path(out), Merge(strategy=mode))
     seconds = time.perf_counter() - start
@@ -152,7 +152,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--modes", default="baseline,streaming,cpu,peft")
     args = ap.parse_args()
-    from quantmill.plan import folder_weights, gib, merge_memory, targeted
+    from quantmill.estimates import merge_memory, targeted
+    from quantmill.units import human_bytes
+    from quantmill.weights import folder_weights
 
     with tempfile.TemporaryDirectory(prefix="qm-merge-bench-") as tmp:
         base = synthetic_model(Path(tmp) / "base", args.hidden, args.layers, args.vocab, args.dtype, args.shard_mb)
@@ -160,20 +162,21 @@ def main() -> None:
         w = folder_weights(base)
         adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
         names = targeted(w, json.loads((adapter / "adapter_config.json").read_text()))
-        print(f"model: {gib(w.total)} in {len(w.shard_bytes)} shards (largest {gib(w.largest_shard)}), "
-              f"{args.dtype}; adapter {gib(adapter_bytes)} ({len(names)} targets)")
+        print(f"model: {human_bytes(w.total)} in {len(w.shard_bytes)} shards "
+              f"(largest {human_bytes(w.largest_shard)}), {args.dtype}; adapter {human_bytes(adapter_bytes)} "
+              f"({len(names)} targets)")
         rows = []
         for mode in args.modes.split(","):
             r = run_child(mode, base, adapter, Path(tmp) / f"out-{mode}")
             plan = merge_memory(w, adapter_bytes, mode, names)[0] if mode in {"streaming", "cpu"} else None
             rows.append(r)
-            print(f"{mode:>10}: peak RSS {gib(r['maxrss']):>10}  step delta {gib(r['delta']):>10}  "
-                  f"plan {gib(plan) if plan else '-':>10}  time {r['seconds']:6.2f} s")
+            print(f"{mode:>10}: peak RSS {human_bytes(r['maxrss']):>10}  step delta {human_bytes(r['delta']):>10}  "
+                  f"plan {human_bytes(plan) if plan else '-':>10}  time {r['seconds']:6.2f} s")
         base_rss = next((r["maxrss"] for r in rows if r["mode"] == "baseline"), None)
         if base_rss:
             for r in rows:
                 if r["mode"] != "baseline":
-                    print(f"{r['mode']:>10}: peak over the import-only baseline {gib(r['maxrss'] - base_rss)}")
+                    print(f"{r['mode']:>10}: peak over the import-only baseline {human_bytes(r['maxrss'] - base_rss)}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def child(method: str, model_dir: Path, calib: Path, windows_path: Path, out: Pa
         importlib.import_module(name)
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
     from quantmill.quantize.common import checkpoint_size, load_fp_model
-    from quantmill.tasks.evaluate import load_model, load_windows, score_windows
+    from quantmill.scoring import load_model, score_windows
+    from quantmill.windows import load_windows
 
     base, start = status_bytes("VmRSS"), time.perf_counter()
     if method == REFERENCE:

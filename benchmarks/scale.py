@@ -101,7 +101,7 @@ def build_model(folder: Path, size: dict, tokenizer_from: Path, shards: int = 3)
     import torch
     from safetensors.torch import save_file
 
-    from quantmill.plan import config_weights
+    from quantmill.weights import config_weights
 
     if (folder / "DONE").is_file():
         return folder
@@ -218,8 +218,9 @@ def run_direct(work: Path, model: Path, adapter: Path, demo, size: dict, rtn_ckp
 
 def plan_peaks(profile_path: Path) -> dict[str, int]:
     """`quantmill plan`'s peak per step (process baseline included), for this machine."""
-    from quantmill.plan import plan_profile, step_peaks, this_machine
-    from quantmill.profile import load_profile
+    from quantmill.machine import this_machine
+    from quantmill.plan import plan_profile, step_peaks
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(str(profile_path), [])
     return step_peaks(plan_profile(profile, this_machine(profile.storage.root)))
@@ -243,7 +244,7 @@ def main() -> int:
     adapter = args.cache / label / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         synthetic_adapter(adapter, model, r=16)
-    from quantmill.plan import folder_weights
+    from quantmill.weights import folder_weights
 
     print(f"model: {folder_weights(model).params / 1e6:.0f} M parameters, bf16, "
           f"{len(list(model.glob('*.safetensors')))} shards; adapter rank 16", flush=True)

@@ -27,7 +27,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def load_run_profile(args: argparse.Namespace) -> Any:
     """The profile a run command works on: a file, or a preset filled from the command line."""
     from quantmill.errors import ProfileError
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     preset_only = [f for f in ("model", "adapter", "calibration") if getattr(args, f, None)]
     if getattr(args, "preset", None):

@@ -9,10 +9,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quantmill import state
 from quantmill.errors import NetworkError, QuantmillError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from quantmill.machine import Machine
+    from quantmill.plan import StepPlan
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -78,7 +84,7 @@ def task_states(flow_run_id: Any) -> list[tuple[str, str]]:
 
 def run_profile(path: str, overrides: Sequence[str], flow_name: str = "quantize") -> Any:
     """Validate the profile, run the quantize (or sweep) flow, print the summary; returns the RunSummary."""
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     return run_loaded(load_profile(path, list(overrides)), flow_name)
 
@@ -116,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(args.profile, args.set or [])
     recipes, skipped = profile.all_recipes()
@@ -188,14 +194,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_table(rows: list[StepPlan], machine: Machine) -> Table:
+    """The plan as a rich table."""
+    from rich.table import Table
+
+    from quantmill.estimates import RUNTIME_BYTES
+    from quantmill.plan import DISK_ROW, run_peak
+    from quantmill.units import human_bytes as size
+
+    vram = f"{size(machine.vram)} VRAM free" if machine.cuda else "no GPU"
+    table = Table(title=f"memory plan (this machine: {size(machine.ram)} RAM free, {vram}, {size(machine.disk)} disk "
+                        f"free; process itself ≈ {size(RUNTIME_BYTES)})")
+    for col in ("step", "device", "strategy", "step RAM", "peak RSS", "peak VRAM", "disk", "output", "fits"):
+        table.add_column(col, justify="right" if col in {"step RAM", "peak RSS", "peak VRAM", "disk", "output"} else "left")
+    for r in rows:
+        table.add_row(r.step, r.device, r.how, size(r.ram), size(r.peak) if r.step != DISK_ROW else "-",
+                      size(r.vram) if r.vram else "-", size(r.disk) if r.disk else "-",
+                      size(r.output) if r.output else "-", "yes" if r.fits else f"[red]NO[/red]: {r.advice}")
+    top = run_peak(rows)
+    table.caption = f"run peak RSS ≈ {size(top.peak)} ({top.step}; the largest step, not the sum)"
+    return table
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from quantmill.plan import plan_profile, render, this_machine
-    from quantmill.profile import load_profile
+    from quantmill.machine import this_machine
+    from quantmill.plan import plan_profile
+    from quantmill.profile_io import load_profile
 
     profile = load_profile(args.profile, args.set or [])
     machine = this_machine(profile.storage.root)
     rows = plan_profile(profile, machine)
-    console().print(render(rows, machine))
+    console().print(plan_table(rows, machine))
     bad = [r.step for r in rows if not r.fits]
     print(f"{len(bad)} step(s) will not fit: {', '.join(bad)}" if bad else "every step fits on this machine")
     return 1 if bad else 0

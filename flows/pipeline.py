@@ -17,7 +17,8 @@ from quantmill.devices import pick_device
 from quantmill.flows.hooks import step_hooks
 from quantmill.memory import give_back
 from quantmill.metrics import ppl_delta_pct
-from quantmill.profile import Profile, Recipe
+from quantmill.profile import Profile
+from quantmill.recipes import Recipe
 from quantmill.refs import EvalRef, Lineage, Variant
 from quantmill.tasks.calibrate import calibrate
 from quantmill.tasks.download import download
@@ -164,6 +165,6 @@ def quantize_pipeline(profile: Profile) -> RunSummary:
 @flow(name="quantize-profile-file", log_prints=True)
 def quantize_profile_file(profile_path: str, overrides: list[str] | None = None) -> RunSummary:
     """Run the pipeline on a profile file (for schedules): validated at run time, then the quantize flow."""
-    from quantmill.profile import load_profile
+    from quantmill.profile_io import load_profile
 
     return quantize_pipeline(load_profile(profile_path, overrides or []))

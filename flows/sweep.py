@@ -12,7 +12,8 @@ from pydantic import BaseModel
 from quantmill.errors import QuantmillError
 from quantmill.flows.pipeline import RunSummary, Shared, finish, prepare, resolved, variants
 from quantmill.memory import give_back
-from quantmill.profile import Profile, Sweep
+from quantmill.profile import Profile
+from quantmill.recipes import Sweep
 from quantmill.refs import Variant
 from quantmill.tasks.track import RUN_HOOKS
 
@@ -36,8 +37,10 @@ def task_runner(spec: Sweep.Runner) -> TaskRunner:
     """Threads in this process, a local Dask cluster, or the Dask scheduler at `spec.address`."""
     if spec.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=spec.max_workers)
-    from prefect_dask import DaskTaskRunner
-
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise QuantmillError("sweep.runner.kind: dask needs the `dask` extra: pip install 'quantmill[dask]'") from None
     if spec.address:
         if not os.environ.get("PREFECT_API_URL"):
             raise QuantmillError("sweep.runner.address: workers of a remote Dask cluster report to a Prefect server; "

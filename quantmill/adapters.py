@@ -1,6 +1,6 @@
 """LoRA adapter folders read without loading them: config checks and how the adapter was trained (core floor).
 
-Used by the merge step (tasks/merge.py), the plan and `quantmill validate`; json/yaml/re only.
+Used by the merge (quantmill/merging.py), the plan and `quantmill validate`; json/yaml/re only.
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class QuantmillError(ValueError):
     """A bad input or environment problem; printed as one line, exit code 2, never retried."""
@@ -15,6 +20,13 @@ class ProfileError(QuantmillError):
 
 class PreflightError(QuantmillError):
     """The machine cannot run a step (disk, memory, device); says what is needed."""
+
+
+def first_error(exc: ValidationError) -> tuple[str, str, str]:
+    """(dotted field location, message without pydantic's "Value error, " prefix, error type) of the first problem;
+    callers word their own hints (unknown key, missing field) on top."""
+    err = exc.errors()[0]
+    return ".".join(str(p) for p in err["loc"]), err["msg"].removeprefix("Value error, "), err["type"]
 
 
 class NetworkError(ConnectionError):

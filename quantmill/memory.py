@@ -1,10 +1,10 @@
-"""Memory the process gives back between steps: collect garbage, return freed heap pages to the OS, measure RSS.
+"""Memory the process gives back between steps (collect garbage, return freed heap pages to the OS) and its peaks.
 
 A quantize or evaluate step frees its model when it returns, but glibc keeps freed heap pages (and the arenas of
 the threads that used them) mapped: RSS stays at the step's peak. `give_back()` runs the cyclic collector (models
 in reference cycles: hooks, accelerate's wrappers) and `malloc_trim(0)`, which returns the free pages of every
 arena. Measured on a 22 M-parameter model (tests/test_variant_memory.py) and at the 254 M scale
-(benchmarks/scale.py): README, "Memory between variants".
+(benchmarks/scale.py): README, "Memory between variants". `PeakMemory` measures a block's peak RSS (evaluation).
 """
 
 from __future__ import annotations
@@ -81,12 +81,14 @@ def give_back_hook(*_args: object) -> None:
     give_back()
 
 
-def reset_peak() -> None:
-    """Restart the kernel's high-water mark of this process (VmHWM) at the current RSS (Linux; else no-op)."""
+def reset_peak() -> bool:
+    """Restart the kernel's high-water mark of this process (VmHWM) at the current RSS (Linux >= 4.0; else no-op).
+    True when it was reset."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def peak_rss() -> int:
@@ -100,3 +102,41 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class PeakMemory:
+    """Peak RSS while the block runs: the kernel's high-water mark (reset on entry), else a sampling thread."""
+
+    def __init__(self, device: str, interval_s: float = 0.02) -> None:
+        import psutil
+
+        self.proc, self.device, self.interval, self._stop = psutil.Process(), device, interval_s, threading.Event()
+        self.start = self.peak = self.proc.memory_info().rss
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        if not reset_peak():
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss, peak_rss() if self._thread is None else 0)
+
+    def metrics(self) -> dict[str, float]:
+        """Peak RSS, its growth over the start, and peak CUDA memory on GPU."""
+        out = {"peak_rss_bytes": float(self.peak), "rss_growth_bytes": float(self.peak - self.start)}
+        if self.device == "cuda":
+            import torch
+
+            out["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated())
+        return out

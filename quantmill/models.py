@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 from quantmill.errors import QuantmillError
+from quantmill.safetensors_io import num_params
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 # Tokenizer files (the MLflow model's tokenizer component); a checkpoint carries them and generation_config.json
@@ -27,22 +27,6 @@ TOKENIZER_FILES = (
 )
 SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 META_PATTERNS = ("config.json", *SIDE_FILES)
-
-
-def safetensors_params(path: Path) -> int:
-    """Number of parameters in one .safetensors file, from its header only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for d in info["shape"]:
-            count *= d
-        total += count
-    return total
 
 
 def check_model_dir(path: Path, field: str, allow_pickle: bool, trust_remote_code: bool) -> None:
@@ -83,7 +67,7 @@ def model_summary(path: Path) -> dict[str, Any]:
         "max_position_embeddings": config.get("max_position_embeddings"),
         "tie_word_embeddings": config.get("tie_word_embeddings"),
         "dtype": config.get("dtype") or config.get("torch_dtype"),
-        "num_parameters": sum(safetensors_params(f) for f in files),
+        "num_parameters": sum(num_params(f) for f in files),
         "weight_bytes": sum(f.stat().st_size for f in files),
         "weight_files": len(files),
     }

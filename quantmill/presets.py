@@ -106,7 +106,7 @@ def resolve(
     overrides: list[str] | None = None,
 ) -> Any:
     """The preset with the command line's model, adapter, calibration and `--set` overrides, validated."""
-    from quantmill.profile import apply_overrides, parse_profile
+    from quantmill.profile_io import apply_overrides, parse_profile
 
     path = preset_file(name)
     data = yaml.safe_load(path.read_text())

@@ -1,63 +1,19 @@
-"""Run profiles: strict pydantic models loaded from YAML, with `--set` overrides."""
+"""Run profiles: the strict sections of a profile (model, calibration, evaluation, registry, storage, merge) and the
+whole `Profile`; recipes and the sweep grid are quantmill.recipes, YAML loading and `--set` overrides
+quantmill.profile_io."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetJsonSchemaHandler,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from quantmill.errors import ProfileError
+from quantmill.recipes import Recipe, Sweep
+from quantmill.schema_base import Strict, expand, form_fields, recipes_or_grid
 
 HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def form_fields(schema: dict[str, Any], plain: tuple[str, ...] = ()) -> None:
-    """JSON schema as a form: every field titled (pydantic leaves sections untitled), `plain` optional fields as
-    plain text boxes (`type: string`) rather than a None-or-str toggle."""
-    for name, prop in schema.get("properties", {}).items():
-        prop.setdefault("title", name.replace("_", " ").title())
-    for name in plain:
-        prop = schema["properties"][name]
-        prop.pop("anyOf", None)
-        prop.pop("default", None)
-        prop["type"] = "string"
-
-
-def recipes_or_grid(schema: dict[str, Any]) -> None:
-    """JSON schema: `recipes` required (the form marks it so), with at least one unless a sweep grid is given."""
-    form_fields(schema)
-    schema["required"].append("recipes")
-    schema["properties"]["recipes"]["minItems"] = 0  # [] beside a grid: the form keeps an empty required list
-    grid = {"type": "object", "required": ["grid"], "properties": {"grid": {"type": "array", "minItems": 1}}}
-    schema["if"] = {"required": ["sweep"], "properties": {"sweep": grid}}
-    schema["else"] = {"required": ["recipes"], "properties": {"recipes": {"type": "array", "minItems": 1}}}
-
-
-class Strict(BaseModel):
-    """Base for profile sections: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: form_fields(schema))
-
-
-def expand(path: str) -> str:
-    """Expand ${VARS} and ~ in a path-like string (${QUANTMILL_HOME} defaults to the state folder)."""
-    from quantmill import state
-
-    for var in ("${QUANTMILL_HOME}", "$QUANTMILL_HOME"):
-        path = path.replace(var, str(state.home()))  # also in processes nobody configured (e.g. a worker's run)
-    return os.path.expanduser(os.path.expandvars(path))
 
 
 class Source(Strict):
@@ -287,116 +243,6 @@ class Storage(Strict):
         return expand(v)
 
 
-class Recipe(Strict):
-    """One variant: a registered method and its parameters (validated by the method's config)."""
-
-    method: str = Field(description="Registered quantization method")
-    name: str | None = Field(None, description="Unique variant name (default: method-bits-group)")
-    params: dict[str, Any] = Field({}, description="The method's options as one mapping (or written inline)")
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
-        """One branch per registered method with that method's options (the registry builds it)."""
-        from quantmill.methods.registry import recipe_json_schema
-
-        name = {"title": "Name", "type": "string", "description": cls.model_fields["name"].description}
-        return {"title": "Recipe", "description": cls.__doc__, **recipe_json_schema(handler, {"name": name})}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _collect(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = {"method", "name", "params"}
-            extra = {k: v for k, v in data.items() if k not in known}
-            data = {k: v for k, v in data.items() if k in known}
-            data["params"] = {**data.get("params", {}), **extra}
-        return data
-
-    @model_validator(mode="after")
-    def _check(self) -> Recipe:
-        from quantmill.methods import build_config, get_method
-
-        self.method = get_method(self.method).name  # an alias (e.g. bnb-4bit) is recorded as its canonical name
-        config = build_config(self.method, self.params)
-        self.params = config.model_dump(mode="json")
-        if self.name is None:
-            self.name = config.variant_name()
-        return self
-
-    def config(self):  # noqa: ANN201 - MethodConfig, imported lazily
-        """The method's typed config."""
-        from quantmill.methods import build_config
-
-        return build_config(self.method, self.params)
-
-
-class Sweep(Strict):
-    """A grid of recipes (methods x bits x group sizes) and the task runner the sweep fans them out on."""
-
-    class Grid(Strict):
-        """One block of the grid; an axis a method does not have (e.g. bits of bnb-nf4) is ignored for it."""
-
-        methods: list[str] = Field(min_length=1, description="Registered method names")
-        bits: list[int] = Field([], description="Bit widths tried (for methods that have `bits`)")
-        group_sizes: list[int] = Field([], description="Group sizes tried (for methods that have `group_size`)")
-        params: dict[str, Any] = Field({}, description="Options given to every recipe of the block")
-
-        @field_validator("methods")
-        @classmethod
-        def _known(cls, v: list[str]) -> list[str]:
-            from quantmill.methods import get_method
-
-            for name in v:
-                get_method(name)  # an unknown name lists the known ones
-            return v
-
-    class Runner(Strict):
-        """Threads in the flow process (default), or Dask: a local cluster, or a scheduler `address`."""
-
-        kind: Literal["threads", "dask"] = Field("threads", description="Threads in the flow process, or Dask")
-        max_workers: int = Field(2, gt=0, description="Variants run at once (threads, or local Dask workers)")
-        address: str | None = Field(None, description="Dask scheduler address (default: a local cluster)")
-        threads_per_worker: int = Field(1, gt=0, description="Threads per local Dask worker")
-        memory_limit: str | None = Field(None, description="Memory limit per local Dask worker, e.g. '8GiB'")
-
-        @model_validator(mode="after")
-        def _address(self) -> Sweep.Runner:
-            if self.address is not None and self.kind != "dask":
-                raise ValueError("address is a Dask scheduler address; set kind: dask")
-            return self
-
-    grid: list[Grid] = Field([], description="Blocks of the grid; their recipes join the profile's `recipes`")
-    runner: Runner = Field(Runner(), description="Task runner the variants are fanned out on")
-
-    def expand(self) -> tuple[list[Recipe], list[str]]:
-        """Recipes of the grid, and one line per combination a method cannot do (skipped, reported)."""
-        from itertools import product
-
-        from quantmill.methods import get_method
-
-        recipes: dict[str, Recipe] = {}
-        skipped: list[str] = []
-        for block in self.grid:
-            for method in block.methods:
-                axes = get_method(method).config_cls.SWEEP_AXES
-                bits = block.bits if "bits" in axes and block.bits else [None]
-                groups = block.group_sizes if "group_size" in axes and block.group_sizes else [None]
-                for b, g in product(bits, groups):
-                    params = {**block.params, **({"bits": b} if b is not None else {}),
-                              **({"group_size": g} if g is not None else {})}
-                    try:
-                        recipe = Recipe(method=method, params=params)
-                    except ValidationError as exc:
-                        skipped.append(f"{method} {params}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}")
-                        continue
-                    if recipe.name in recipes and recipes[recipe.name].params != recipe.params:
-                        skipped.append(f"{method} {params}: same name as an earlier grid recipe ({recipe.name}); "
-                                       "list it under recipes with its own name")
-                        continue
-                    recipes.setdefault(recipe.name, recipe)
-        return list(recipes.values()), skipped
-
-
 class Merge(Strict):
     """How a LoRA adapter is merged: memory strategy, failure policy, and the base a QLoRA adapter merges into."""
 
@@ -448,90 +294,3 @@ class Profile(Strict):
         grid, skipped = self.sweep.expand()
         names = {r.name for r in self.recipes}
         return list(self.recipes) + [r for r in grid if r.name not in names], skipped
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set data[a][b][0][c] = value for 'a.b.0.c'."""
-    keys = dotted.split(".")
-    node: Any = data
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ProfileError(f"--set {dotted}: {key!r} is not an index of a {len(node)}-item list")
-            key = int(key)  # type: ignore[assignment]
-            if last:
-                node[key] = value
-            else:
-                node = node[key]
-        elif isinstance(node, dict):
-            if last:
-                node[key] = value
-            else:
-                node = node.setdefault(key, {})
-        else:
-            raise ProfileError(f"--set {dotted}: cannot descend into a {type(node).__name__}")
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (values parsed as YAML)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ProfileError(f"--set {item!r}: use dotted.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else None)
-    return data
-
-
-def format_error(source: str, exc: ValidationError) -> str:
-    """One line: file, field path, reason."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling; see profiles/demo.yaml for the schema)"
-    elif err["type"] == "missing":
-        msg = "required field is missing"
-    return f"{source}: {loc or '<root>'}: {msg}"
-
-
-def parse_profile(data: Any, source: str = "<profile>") -> Profile:
-    """Validate a loaded mapping into a Profile, raising ProfileError with the field path."""
-    if not isinstance(data, dict):
-        raise ProfileError(f"{source}: the profile must be a YAML mapping of sections")
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as exc:
-        raise ProfileError(format_error(source, exc)) from None
-
-
-def load_profile(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Profile:
-    """Read, override and validate a YAML profile; every failure is one clear line."""
-    p = Path(path)
-    if not p.is_file():
-        raise ProfileError(f"{p}: profile file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "syntax"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        ctx, ctx_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if ctx and ctx_mark:
-            problem += f" ({ctx} at line {ctx_mark.line + 1})"
-        raise ProfileError(f"{p}: YAML error at {where}: {problem}; fix the YAML syntax") from None
-    data = apply_overrides(data if isinstance(data, dict) else {}, overrides or []) if data is not None else data
-    try:
-        return parse_profile(data, str(p))
-    except ProfileError as exc:
-        raise ProfileError(blame_override(str(exc), str(p), overrides or [])) from None
-
-
-def blame_override(message: str, source: str, overrides: list[str]) -> str:
-    """Name the `--set` whose field failed validation instead of the profile file it did not come from."""
-    field = message.removeprefix(f"{source}: ").split(": ", 1)[0]
-    for item in reversed(overrides):
-        key = item.split("=", 1)[0].strip()
-        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
-            return f"--set {item}: " + message.removeprefix(f"{source}: ")
-    return message

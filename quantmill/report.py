@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quantmill.errors import QuantmillError
+from quantmill.units import human_bytes
 
 REPORT_DIR = "report"
 REPORT_JSON = f"{REPORT_DIR}/comparison.json"
@@ -22,15 +23,6 @@ BASE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("top1_agreement", "agree"), ("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms"),
 )
 TAIL_COLUMNS: tuple[tuple[str, str], ...] = (("gate", "gate"), ("version", "version"))
-
-
-def human_bytes(n: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def baseline_row(baseline: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import re
 import shutil
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 from quantmill import state, tracking
 from quantmill.errors import QuantmillError
 from quantmill.hashing import hash_tree
+from quantmill.locks import file_lock
 from quantmill.mlmodel import serving_digest
 
 REF = re.compile(r"^(?P<name>[\w.-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))?$")
@@ -93,11 +93,8 @@ def local_or_pulled(model: str) -> Path:
         raise QuantmillError(f"model reference {model!r}: version {mv.version} has no {SHA_TAG} tag; pull it with "
                              "`quantmill pull` into a folder and pass the folder")
     cache = state.home() / "pulled" / sha
-    lock = state.home() / "locks" / f"pull-{sha}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:  # two generate commands share one download
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with file_lock(state.home() / "locks" / f"pull-{sha}.lock"):  # two generate commands share one download
         if cache.is_dir():
             if content_hash(cache, mv) == sha:
                 return cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from quantmill import state
 from quantmill.hashing import manifest_digest, manifest_of, stable_hash
+from quantmill.locks import file_lock
 
 MANIFEST = ".manifest.json"
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
@@ -29,19 +29,6 @@ log = logging.getLogger("quantmill.store")
 
 
 _INPUTS: dict[str, list[str]] = {}  # key -> store keys of the artifacts it was built from (this process)
-
-
-def canonical_safetensors(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys, in place: safetensors writes `__metadata__` in a per-process
-    random order, so identical tensors and metadata would give different bytes, digests and downstream cache keys."""
-    import struct
-
-    with open(path, "r+b") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        text = json.dumps(json.loads(fh.read(size)), sort_keys=True, separators=(",", ":")).encode()
-        if len(text) <= size:  # same content, compact: never longer; padded with spaces as safetensors does
-            fh.seek(8)
-            fh.write(text + b" " * (size - len(text)))
 
 
 def note_inputs(key: str, parents: list[str]) -> None:
@@ -191,12 +178,8 @@ class ArtifactStore:
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
         """Exclusive inter-process lock on one key (another process waits)."""
-        with open(self.root / "locks" / f"{key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(self.root / "locks" / f"{key}.lock"):
+            yield
 
     def clean_stale(self) -> None:
         """Remove staging folders left by processes that died (e.g. kill -9)."""
@@ -280,29 +263,19 @@ class ArtifactStore:
         path = self.root / "locks" / f"{key}.lock"
         if not path.exists():
             return False
-        with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return False
+        with file_lock(path, blocking=False) as held:
+            return not held
 
     def remove(self, key: str) -> int | None:
         """Delete one artifact unless its lock is held; bytes freed, or None when it is in use."""
         final = self.path(key)
-        with open(self.root / "locks" / f"{key}.lock", "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with file_lock(self.root / "locks" / f"{key}.lock", blocking=False) as held:
+            if not held:
                 return None
-            try:
-                if not final.exists():
-                    return 0
-                size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
-                trash = self.root / "trash" / f"{key}.{uuid.uuid4().hex}"
-                os.replace(final, trash)  # atomic: a reader sees the artifact whole or missing
-                shutil.rmtree(trash, ignore_errors=True)
-                return size
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            if not final.exists():
+                return 0
+            size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+            trash = self.root / "trash" / f"{key}.{uuid.uuid4().hex}"
+            os.replace(final, trash)  # atomic: a reader sees the artifact whole or missing
+            shutil.rmtree(trash, ignore_errors=True)
+            return size

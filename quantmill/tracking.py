@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import random
 import time
@@ -10,6 +9,7 @@ from typing import Any
 
 from quantmill import state
 from quantmill.errors import QuantmillError
+from quantmill.locks import file_lock
 from quantmill.metrics import ppl_delta_pct
 
 # Registry tag holding the serving digest of a version's checkpoint (layout 2: serving_digest; older versions:
@@ -28,16 +28,11 @@ def client():  # noqa: ANN201 - mlflow.MlflowClient
     mlflow.set_registry_uri(uri)  # one store for runs and registry (MLflow also exports both to os.environ)
     if not uri.startswith("sqlite:"):
         return mlflow.MlflowClient(uri, registry_uri=uri)
-    lock = state.home() / "locks" / "mlflow-db.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:  # two processes creating one SQLite store race in its migrations
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            c = mlflow.MlflowClient(uri, registry_uri=uri)
-            c.search_registered_models(max_results=1)  # initialise the registry store under the lock too
-            return c
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # two processes creating one SQLite store race in its migrations
+    with file_lock(state.home() / "locks" / "mlflow-db.lock"):
+        c = mlflow.MlflowClient(uri, registry_uri=uri)
+        c.search_registered_models(max_results=1)  # initialise the registry store under the lock too
+        return c
 
 
 def check_reachable(attempts: int = 4, timeout_s: float = 10.0, base_delay_s: float = 0.5) -> None:

@@ -14,11 +14,20 @@ from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.settings import get_current_settings
+from prefect.tasks import exponential_backoff
 
 from quantmill import refresh
 from quantmill.caching import Verifier, key_inputs, noted_key, verify_in_store
+from quantmill.errors import retry_on_transient
 
 log = logging.getLogger("quantmill.cache")
+
+
+def network_retries(retries: int, backoff_factor: float) -> dict[str, Any]:
+    """`@task` options of a step that talks to a network service: retry transient failures only
+    (quantmill.errors.is_transient), with exponential backoff and jitter."""
+    return {"retries": retries, "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_factor),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": retry_on_transient}
 
 
 @dataclass

@@ -13,7 +13,8 @@ from quantmill.context import StepContext
 from quantmill.errors import QuantmillError, retry_on_transient
 from quantmill.profile import Calibration
 from quantmill.refs import CalibRef, ModelRef
-from quantmill.store import ArtifactStore, canonical_safetensors
+from quantmill.safetensors_io import canonical_safetensors
+from quantmill.store import ArtifactStore
 from quantmill.tasks._cache import StepCache
 from quantmill.textdata import draw_samples, draw_windows, token_stream
 

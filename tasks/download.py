@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from quantmill.context import StepContext
-from quantmill.errors import retry_on_transient
 from quantmill.integrity import check_tokenizer
 from quantmill.models import check_model_dir, model_summary
 from quantmill.profile import Source
 from quantmill.refs import ModelRef
 from quantmill.sources import CODE_VERSION, _key, resolve
 from quantmill.store import ArtifactStore
-from quantmill.tasks._cache import StepCache
+from quantmill.tasks._cache import StepCache, network_retries
 
 
 def _verify(key: str, inputs: dict) -> str | None:
@@ -26,10 +24,7 @@ def _verify(key: str, inputs: dict) -> str | None:
 
 @task(
     name="download",
-    retries=4,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
+    **network_retries(4, backoff_factor=5),
     cache_policy=StepCache(step="download", code_version=CODE_VERSION, ignore=("device",), verifier=_verify),
     persist_result=True,
 )

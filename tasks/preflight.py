@@ -21,7 +21,8 @@ from quantmill.context import StepContext
 from quantmill.errors import PreflightError, QuantmillError
 from quantmill.inputs import local_input_problems
 from quantmill.methods.checks import check_recipe
-from quantmill.profile import Calibration, Evaluation, Profile, Recipe
+from quantmill.profile import Calibration, Evaluation, Profile
+from quantmill.recipes import Recipe
 from quantmill.refs import ModelRef
 from quantmill.store import is_url
 
@@ -109,7 +110,8 @@ def check_texts(profile: Profile) -> None:
 
 def run_disk_needed(profile: Profile) -> int:
     """Bytes every step of the run writes (the plan's disk column: merged model, calibration, checkpoints)."""
-    from quantmill.plan import plan_profile, this_machine
+    from quantmill.machine import this_machine
+    from quantmill.plan import plan_profile
 
     machine = this_machine(profile.storage.root)
     return sum(row.disk for row in plan_profile(profile, machine) if row.step != "disk (all steps)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import re
 import tempfile
@@ -12,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from quantmill import mlmodel, modelcard, state, tracking
 from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
+from quantmill.locks import file_lock
 from quantmill.metrics import ppl_delta_pct
 from quantmill.profile import Registry
 from quantmill.refs import CheckpointRef, EvalRef, Lineage, Verdict
-from quantmill.tasks._cache import StepCache
+from quantmill.tasks._cache import StepCache, network_retries
 
 CODE_VERSION = "2"
 SHA_TAG = tracking.SHA_TAG
@@ -104,14 +103,8 @@ REGISTER_CACHE = StepCache(step="register", code_version=CODE_VERSION, ignore=("
 @contextlib.contextmanager
 def registry_lock(name: str) -> Iterator[None]:
     """Serialise registrations of one model name across processes on this machine."""
-    path = state.home() / "locks" / f"registry-{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(state.home() / "locks" / f"registry-{name}.lock"):
+        yield
 
 
 def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
@@ -128,10 +121,7 @@ def emit(event: str, name: str, version: str, payload: dict[str, Any]) -> None:
 
 @task(
     name="register",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_transient,
+    **network_retries(3, backoff_factor=2),
     cache_policy=REGISTER_CACHE,
     persist_result=True,
 )

@@ -220,7 +220,7 @@ def test_canonical_safetensors_header_gives_stable_bytes(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from quantmill.store import canonical_safetensors
+    from quantmill.safetensors_io import canonical_safetensors
 
     path = tmp_path / "t.safetensors"
     save_file({"b": torch.arange(3), "a": torch.ones(2)}, str(path), metadata={"z": "1", "mode": "packed", "a": "x"})

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from quantmill.context import StepContext
 from quantmill.errors import ProfileError, QuantmillError
-from quantmill.profile import Calibration, parse_profile
+from quantmill.profile import Calibration
+from quantmill.profile_io import parse_profile
 from quantmill.refs import ModelRef
 from quantmill.tasks.calibrate import CALIBRATE_CACHE, calibrate
 

@@ -14,22 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantmill.accuracy import choice_accuracy, lm_eval_scores
 from quantmill.context import StepContext
 from quantmill.errors import ProfileError, QuantmillError
+from quantmill.gates import judge, limits_for
 from quantmill.methods import build_config
-from quantmill.profile import Evaluation, Gates, parse_profile
+from quantmill.profile import Evaluation, Gates
+from quantmill.profile_io import parse_profile
 from quantmill.refs import CheckpointRef, Lineage, ModelRef, Variant
 from quantmill.scoring import topk_kl
-from quantmill.tasks.evaluate import (
-    EVALUATE_CACHE,
-    choice_accuracy,
-    eval_data,
-    evaluate,
-    judge,
-    limits_for,
-    lm_eval_scores,
-    load_windows,
-)
+from quantmill.tasks.evaluate import EVALUATE_CACHE, eval_data, evaluate
+from quantmill.windows import load_windows
 from tests.conftest import REPO
 
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}

@@ -53,8 +53,8 @@ def test_merge_read_names_a_file_that_ends_early(tmp_path, tiny, strategy):
     """Below the download check: the merge's own reads check every byte count (readinto's return was ignored)."""
     import shutil
 
+    from quantmill.merging import merge_lora
     from quantmill.profile import Merge
-    from quantmill.tasks.merge import merge_lora
 
     base = tmp_path / "base"
     shutil.copytree(tiny.model_dir, base)

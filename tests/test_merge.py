@@ -14,9 +14,10 @@ from benchmarks.merge import run_child, synthetic_adapter, synthetic_model
 from quantmill.adapters import detect_training
 from quantmill.context import StepContext
 from quantmill.errors import QuantmillError
+from quantmill.merging import merge_lora
 from quantmill.profile import Merge, Source
 from quantmill.refs import ModelRef
-from quantmill.tasks.merge import MERGE_CACHE, merge, merge_lora
+from quantmill.tasks.merge import MERGE_CACHE, merge
 
 STRATEGIES = ("cpu", "streaming")
 

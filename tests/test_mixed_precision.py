@@ -18,9 +18,9 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.checks import check_recipe
 from quantmill.methods.mixed import budget_bytes, choose_kept
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
-from quantmill.profile import Recipe
 from quantmill.quantize import sensitivity as sensitivity_module
 from quantmill.quantize.run import run_method
+from quantmill.recipes import Recipe
 from quantmill.refs import CalibRef, ModelRef
 from tests.test_quantize_gptq_family import (
     load_reference,

@@ -65,6 +65,14 @@ def test_wheel_installs_one_name_and_the_cli_works(tmp_path: Path, demo_assets) 
     assert (no_tasks, no_flows) == ("None", "None")
     assert where.startswith(site), where
 
+    # The wheel's declared ranges (pyproject, as setuptools wrote them) hold for the tested set it runs on.
+    ranges = ("from importlib.metadata import requires, version; from packaging.requirements import Requirement; "
+              "reqs = [Requirement(r) for r in requires('quantmill')]; "
+              "print([str(r) for r in reqs if (r.marker is None or r.marker.evaluate({'extra': ''})) "
+              "and not r.specifier.contains(version(r.name), prereleases=True)])")
+    unmet = subprocess.run([str(python), "-c", ranges], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert unmet.returncode == 0 and unmet.stdout == "[]\n", (unmet.stdout, unmet.stderr)
+
     cli = venv / "bin" / "quantmill"
     helped = subprocess.run([str(cli), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0, helped.stderr

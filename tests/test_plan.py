@@ -13,20 +13,12 @@ import yaml
 
 from benchmarks.merge import synthetic_adapter, synthetic_model
 from quantmill.errors import QuantmillError
+from quantmill.estimates import RUNTIME_BYTES, MiB, choose_merge_strategy, merge_memory, quantize_memory, targeted
 from quantmill.flows.cli import main
-from quantmill.plan import (
-    RUNTIME_BYTES,
-    Machine,
-    MiB,
-    choose_merge_strategy,
-    config_weights,
-    folder_weights,
-    merge_memory,
-    plan_profile,
-    quantize_memory,
-    targeted,
-)
-from quantmill.profile import load_profile
+from quantmill.machine import Machine
+from quantmill.plan import plan_profile
+from quantmill.profile_io import load_profile
+from quantmill.weights import config_weights, folder_weights
 from tests.conftest import REPO
 
 # One fresh process measures each step in turn: the step's peak is VmHWM (reset just before) minus the RSS before.
@@ -34,10 +26,11 @@ CHILD = r"""
 import ctypes, gc, json, re, sys
 from pathlib import Path
 import psutil
-from quantmill.profile import Merge, Recipe
-from quantmill.tasks.merge import merge_lora
 from quantmill.methods import QuantizeJob, get_method
+from quantmill.merging import merge_lora
 from quantmill.modelinfo import model_info
+from quantmill.profile import Merge
+from quantmill.recipes import Recipe
 
 def measure(fn):
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -13,7 +13,7 @@ import pytest
 from quantmill.errors import QuantmillError
 from quantmill.flows.cli import main
 from quantmill.presets import available, resolve
-from quantmill.profile import Recipe
+from quantmill.recipes import Recipe
 from tests.conftest import subprocess_env
 
 NAMES = ["cpu-int8", "gpu-8bit", "gpu-4bit", "gptq-4bit", "awq-4bit", "sweep-small"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from quantmill.errors import ProfileError
-from quantmill.profile import load_profile
+from quantmill.profile_io import load_profile
 from tests.conftest import REPO
 
 

@@ -142,7 +142,7 @@ def test_config_validation_names_fields(monkeypatch):
     assert build_config("gptq", {}).default_max_ppl_increase_pct() == 3.0
     assert build_config("awq", {}).default_max_ppl_increase_pct() == 3.0
     monkeypatch.setitem(sys.modules, "awq", None)  # simulate AutoAWQ missing: must fail loudly, never fall back
-    with pytest.raises(ValueError, match=r"pip install autoawq==0\.2\.9"):
+    with pytest.raises(ValueError, match=r"pip install --no-deps autoawq==0\.2\.9 "):
         build_config("awq", {"backend": "autoawq"}).check_device("cpu")
 
 

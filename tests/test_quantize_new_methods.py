@@ -332,7 +332,7 @@ def gguf_runs(assets, data, tmp_path_factory):
 def test_gguf_loads_in_transformers_and_matches_gguf_quants(assets, data, gguf_runs, tmp_path):
     from transformers import AutoTokenizer
 
-    from quantmill.tasks.evaluate import load_model
+    from quantmill.scoring import load_model
 
     text = Path(assets.eval_path).read_text()[:3000]
     models = [(assets.model_dir, None)] + [(d, "model.gguf") for d, _, _ in gguf_runs.values()]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quantmill.errors import ProfileError
-from quantmill.profile import parse_profile
+from quantmill.profile_io import parse_profile
 from tests.conftest import write_profile
 from tests.test_pipeline_e2e import mlflow_client, run_cli, step_states
 
@@ -147,7 +147,7 @@ def test_runner_choice(monkeypatch):
     from prefect_dask import DaskTaskRunner
 
     from quantmill.flows.sweep import task_runner
-    from quantmill.profile import Sweep
+    from quantmill.recipes import Sweep
 
     threads = task_runner(Sweep.Runner(max_workers=3))
     assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
@@ -157,3 +157,16 @@ def test_runner_choice(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     remote = task_runner(Sweep.Runner(kind="dask", address="tcp://127.0.0.1:8786"))
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"  # not contacted here
+
+
+def test_dask_runner_without_the_extra_names_it(monkeypatch):
+    import sys
+
+    from quantmill.errors import QuantmillError
+    from quantmill.flows.sweep import task_runner
+    from quantmill.recipes import Sweep
+
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # the `dask` extra not installed: import fails
+    with pytest.raises(QuantmillError, match=r"^sweep\.runner\.kind: dask needs the `dask` extra: "
+                                             r"pip install 'quantmill\[dask\]'$"):
+        task_runner(Sweep.Runner(kind="dask", max_workers=2))

@@ -16,7 +16,8 @@ AWQ_KERNELS = {"auto": "auto", "torch": "awq_torch", "gemm": "awq_gemm", "marlin
 CPU_KERNELS = ("auto", "torch")
 
 
-AUTOAWQ_HINT = "backend='autoawq' needs AutoAWQ, which is not installed: pip install autoawq==0.2.9"
+AUTOAWQ_HINT = ("backend='autoawq' needs AutoAWQ, which is not installed: pip install --no-deps autoawq==0.2.9 "
+                "(its triton requirement is CUDA-only and not needed; see requirements/autoawq.txt)")
 
 
 class AWQConfig(GroupedConfig):
@@ -28,7 +29,7 @@ class AWQConfig(GroupedConfig):
     clip_search: bool = Field(True, description="Search a per-group clipping threshold after scaling")
     duo_scaling: bool = Field(True, description="Scale from activation and weight statistics, not activations alone")
     backend: Literal["gptqmodel", "autoawq"] = Field(
-        "gptqmodel", description="Implementation: GPTQModel, or AutoAWQ (pip install autoawq)")
+        "gptqmodel", description="Implementation: GPTQModel, or AutoAWQ (extra `awq`, installed --no-deps)")
     kernel: Literal["auto", "torch", "gemm", "marlin", "exllama_v2"] = Field(
         "auto", description="GPTQModel kernel of the quantized layers (on CPU: auto or torch)")
     batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass")

@@ -9,7 +9,7 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.registry import get_method
 
 if TYPE_CHECKING:
-    from quantmill.profile import Recipe
+    from quantmill.recipes import Recipe
     from quantmill.refs import ModelRef
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, GetJsonSchemaHandler, ValidationError
 
-from quantmill.errors import QuantmillError
+from quantmill.errors import QuantmillError, first_error
 
 
 class MethodConfig(BaseModel):
@@ -242,10 +242,9 @@ def build_config(name: str, params: dict[str, Any]) -> MethodConfig:
     try:
         return method.config_cls(**params)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "params"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        loc, msg, kind = first_error(exc)
+        loc = loc or "params"
+        if kind == "extra_forbidden":
             msg = f"unknown option for method {name!r} (options: {', '.join(method.config_cls.model_fields)})"
         raise QuantmillError(f"{loc}: {msg}") from None
 
