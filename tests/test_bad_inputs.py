@@ -180,7 +180,7 @@ def test_mlflow_server_unreachable(tmp_path, profile, capsys, monkeypatch):
 
 
 def test_disk_too_small(tmp_path, profile, capsys, monkeypatch):
-    monkeypatch.setattr("quantmill.tasks.preflight.free_bytes", lambda path: 1000)
+    monkeypatch.setattr("quantmill.inputs.free_bytes", lambda path: 1000)
     fails(tmp_path, profile, capsys, "storage.root", "bytes free", "needs about")
 
 
