@@ -213,3 +213,12 @@ def demo_run(tmp_path_factory, demo_assets) -> DemoRun:
 def demo_rerun(demo_run) -> DemoRun:
     """The same demo again, verbose (-v), in the same folders: every step comes from the cache."""
     return demo_cli(demo_run.home, demo_run.cwd, "-v", "--set", DEMO_RECIPES)
+
+
+@pytest.fixture(scope="module")
+def prefect_ready():
+    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream (CLI tests that read
+    stderr with capsys: `pytestmark = pytest.mark.usefixtures("prefect_ready")`)."""
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()

@@ -13,13 +13,7 @@ from quantmill import state
 from quantmill.flows.cli import main
 from tests.conftest import demo_profile
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_ready():
-    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream."""
-    from prefect import flow
-
-    flow(lambda: None, name="warm-up")()
+pytestmark = pytest.mark.usefixtures("prefect_ready")
 
 
 @pytest.fixture(scope="module")
