@@ -90,7 +90,7 @@ def demo_assets():
 @pytest.fixture(scope="session")
 def tiny_assets():
     """A Llama (+ adapter) trained 4 steps: real files for tests of file handling, not of quality."""
-    from quantmill.demo import DemoSpec
+    from quantmill.demo_training import DemoSpec
 
     return cached_model("llama", with_adapter=True, spec=DemoSpec(steps=4, lora_steps=2, batch_size=4))
 

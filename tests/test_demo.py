@@ -10,15 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantmill.demo import (
-    DemoAssets,
-    DemoSpec,
-    _publish,
-    build_demo_assets,
-    demo_text_splits,
-    demo_topic_keys,
-    eval_perplexity,
-)
+from quantmill.demo import DemoAssets, _publish, build_demo_assets
+from quantmill.demo_corpus import demo_text_splits, demo_topic_keys
+from quantmill.demo_training import DemoSpec, eval_perplexity
 from tests.conftest import cached_model
 
 TINY = DemoSpec(steps=3, batch_size=2, lora_steps=2)
