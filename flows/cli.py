@@ -95,6 +95,9 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
 
     check_reachable()
     state.private_scratch()  # library temp folders (GPTQModel offload) under the state folder, swept when dead
+    from quantmill.inputs import check_run_inputs
+
+    check_run_inputs(profile)  # bad inputs fail here, before Prefect, its server and MLflow's run start (seconds)
     from quantmill.flows.server import guard_prefect_server
 
     guard_prefect_server()  # the temporary Prefect server dies with this process, even on kill -9

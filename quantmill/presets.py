@@ -50,7 +50,7 @@ def preset_file(name: str) -> Path:
 
 def default_texts() -> tuple[Path, Path]:
     """The offline calibration and evaluation text files (written once, atomically)."""
-    from quantmill.demo import demo_text_splits
+    from quantmill.demo_corpus import demo_text_splits
 
     folder = state.home() / "presets"
     calib, evaluation = folder / "python-docs-calib.txt", folder / "python-docs-eval.txt"

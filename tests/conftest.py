@@ -1,9 +1,16 @@
-"""Test setup: a private state folder (Prefect, MLflow, artifacts) and cached trained models."""
+"""Test setup: a private state folder (Prefect, MLflow, artifacts), cached trained models, profiles, a warm store."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,11 +57,28 @@ def model_cache() -> Path:
     return Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")
 
 
-def demo_llama():
-    """The demo Llama (+ LoRA adapter), trained on first use and cached (callable outside fixtures)."""
+@contextlib.contextmanager
+def _building() -> Iterator[None]:
+    """One builder at a time per model cache: a second session waits for the first one's models, not trains them too."""
+    root = model_cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def cached_model(arch: str, with_adapter: bool, spec=None):
+    """A demo model from the model cache, trained on first use (build_demo_assets keys the cache by its spec)."""
     from quantmill.demo import build_demo_assets
 
-    return build_demo_assets(model_cache(), arch="llama", with_adapter=True)
+    with _building():
+        return build_demo_assets(model_cache(), arch=arch, with_adapter=with_adapter, spec=spec, quiet=spec is not None)
+
+
+
+def demo_llama():
+    """The demo Llama (+ LoRA adapter), trained on first use and cached (callable outside fixtures)."""
+    return cached_model("llama", with_adapter=True)
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +88,137 @@ def demo_assets():
 
 
 @pytest.fixture(scope="session")
+def tiny_assets():
+    """A Llama (+ adapter) trained 4 steps: real files for tests of file handling, not of quality."""
+    from quantmill.demo_training import DemoSpec
+
+    return cached_model("llama", with_adapter=True, spec=DemoSpec(steps=4, lora_steps=2, batch_size=4))
+
+
+@pytest.fixture(scope="session")
 def qwen2_assets():
     """A small Qwen2 (GQA, tied embeddings, attention bias), trained once and cached."""
-    from quantmill.demo import build_demo_assets
+    return cached_model("qwen2", with_adapter=False)
 
-    return build_demo_assets(model_cache(), arch="qwen2", with_adapter=False)
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra` merged in, nested dicts key by key (None removes a key)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def demo_profile(assets, name: str, recipes: list[dict], **sections) -> dict:
+    """A run profile on a demo build (its model, LoRA adapter, calibration and evaluation texts).
+
+    The defaults are the cheap settings the end-to-end tests share (8 x 128 calibration tokens, 2048 evaluation
+    tokens in windows of 256, no generation-speed measurement), so runs with them reuse `warm_store`'s shared
+    steps; `sections` are merged in key by key (`adapter=None` drops the adapter, `evaluation={"gates": ...}`).
+    """
+    profile = {
+        "name": name,
+        "model": {"path": str(assets.model_dir)},
+        "adapter": {"path": str(assets.adapter_dir)},
+        "calibration": {"source": {"path": str(assets.calib_path)}, "num_samples": 8, "seq_len": 128},
+        "recipes": recipes,
+        "evaluation": {"source": {"path": str(assets.eval_path)}, "max_tokens": 2048, "window": 256, "speed": None},
+        "registry": {"model_name": name},
+    }
+    return _merged(profile, sections)
+
+
+def write_profile(path: Path, profile: dict) -> Path:
+    """Write a profile dict as YAML to `path` (a folder: `<name>.yaml` in it); returns the file."""
+    import yaml
+
+    if path.is_dir():
+        path = path / f"{profile['name']}.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_profile(demo_assets):
+    """Profile factory on the demo Llama: make_profile(name, recipes, **sections) -> dict (see demo_profile)."""
+    return lambda name, recipes, **sections: demo_profile(demo_assets, name, recipes, **sections)
+
+
+WARM_STEPS = ("merge", "calibrate", "eval-data", "evaluate")
+
+
+@pytest.fixture(scope="session")
+def warm_store(demo_assets, tmp_path_factory):
+    """The shared steps of `demo_profile`'s default settings (merge, calibration, evaluation windows, baseline),
+    computed once per session; `warm_store(root)` copies them into a store root.
+
+    A run on a seeded store still runs every step (Prefect's records are per state folder, so its states are
+    those of a first run), but the store hands the merge, calibration and baseline back instead of rebuilding
+    them. Tests of those steps themselves, of caching or of a first run's console use an empty store.
+    """
+    from quantmill.flows.pipeline import prepare
+    from quantmill.profile import parse_profile
+
+    template = tmp_path_factory.mktemp("warm-store")
+    profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
+                                         storage={"root": str(template)}))
+    prepare(profile)  # the quantize flow's shared steps, as tasks in this process
+    objects = sorted(p for p in (template / "objects").iterdir() if p.name.rsplit("-", 1)[0] in WARM_STEPS)
+    assert [p.name.rsplit("-", 1)[0] for p in objects].count("evaluate") == 1, objects  # the baseline alone
+
+    def seed(root: Path) -> Path:
+        for obj in objects:
+            shutil.copytree(obj, root / "objects" / obj.name)
+        return root
+
+    return seed
+
+
+# `quantmill demo` with the demo's own recipes plus GPTQ (the method whose library prints the most).
+DEMO_RECIPES = ("recipes=[{method: rtn, bits: 8, group_size: 64}, {method: bnb-int8}, {method: bnb-nf4}, "
+                "{method: dynamic-int8}, {method: gptq, bits: 4, group_size: 64}]")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One `quantmill demo` process: its state folder, working directory, environment and output."""
+
+    home: Path
+    cwd: Path
+    env: dict[str, str]
+    out: subprocess.CompletedProcess
+
+
+def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
+    """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
+    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
+    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=1500)
+    return DemoRun(home, cwd, env, out)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, demo_assets) -> DemoRun:
+    """The first `quantmill demo` (+ GPTQ) a user runs: an empty working directory, a fresh state folder elsewhere.
+    Shared by the console tests and the pipeline's end-to-end test (one cold run, each checks its part)."""
+    return demo_cli(tmp_path_factory.mktemp("demo-home"), tmp_path_factory.mktemp("demo-cwd"), "--set", DEMO_RECIPES)
+
+
+@pytest.fixture(scope="session")
+def demo_rerun(demo_run) -> DemoRun:
+    """The same demo again, verbose (-v), in the same folders: every step comes from the cache."""
+    return demo_cli(demo_run.home, demo_run.cwd, "-v", "--set", DEMO_RECIPES)
+
+
+@pytest.fixture(scope="module")
+def prefect_ready():
+    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream (CLI tests that read
+    stderr with capsys: `pytestmark = pytest.mark.usefixtures("prefect_ready")`)."""
+    from prefect import flow
+
+    flow(lambda: None, name="warm-up")()

@@ -10,40 +10,25 @@ import pytest
 import yaml
 
 from quantmill import state
-from quantmill.demo import DemoSpec, build_demo_assets
 from quantmill.flows.cli import main
-from tests.conftest import model_cache
+from tests.conftest import demo_profile
 
-TINY = DemoSpec(steps=4, lora_steps=2, batch_size=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_ready():
-    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream."""
-    from prefect import flow
-
-    flow(lambda: None, name="warm-up")()
+pytestmark = pytest.mark.usefixtures("prefect_ready")
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_assets):
     """A barely-trained tiny Llama with a LoRA adapter (enough to exercise every check)."""
-    return build_demo_assets(model_cache(), arch="llama", with_adapter=True, spec=TINY, quiet=True)
+    return tiny_assets
 
 
 @pytest.fixture()
 def profile(tiny, tmp_path):
     """A valid profile dict whose store lives under tmp_path."""
-    return {
-        "name": "bad-input",
-        "model": {"path": str(tiny.model_dir)},
-        "adapter": {"path": str(tiny.adapter_dir)},
-        "calibration": {"source": {"path": str(tiny.calib_path)}, "num_samples": 4, "seq_len": 64},
-        "recipes": [{"method": "rtn", "bits": 8, "group_size": 64}],
-        "evaluation": {"source": {"path": str(tiny.eval_path)}, "max_tokens": 1024, "window": 128},
-        "registry": {"model_name": f"bad-input-{tmp_path.name}"},
-        "storage": {"root": str(tmp_path / "store")},
-    }
+    return demo_profile(tiny, "bad-input", [{"method": "rtn", "bits": 8, "group_size": 64}],
+                        calibration={"num_samples": 4, "seq_len": 64},
+                        evaluation={"max_tokens": 1024, "window": 128, "speed": {"enabled": True}},
+                        registry={"model_name": f"bad-input-{tmp_path.name}"}, storage={"root": str(tmp_path / "store")})
 
 
 def fails(tmp_path: Path, data: dict | str, capsys, *expected: str) -> str:
@@ -189,7 +174,7 @@ def test_mlflow_server_unreachable(tmp_path, profile, capsys, monkeypatch):
 
 
 def test_disk_too_small(tmp_path, profile, capsys, monkeypatch):
-    monkeypatch.setattr("quantmill.tasks.preflight.free_bytes", lambda path: 1000)
+    monkeypatch.setattr("quantmill.inputs.free_bytes", lambda path: 1000)
     fails(tmp_path, profile, capsys, "storage.root", "bytes free", "needs about")
 
 

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from quantmill.cachectl import human_size, parse_age
 from quantmill.errors import QuantmillError
-from tests.conftest import subprocess_env
+from tests.conftest import demo_profile, subprocess_env, write_profile
 
 MODEL_NAME = "cache-cli-test"
 
@@ -33,19 +32,12 @@ def test_parse_age():
 def setup(tmp_path_factory, demo_assets):
     """A state folder, a profile (one variant fails its gate, so it is never registered) and its first run."""
     home, cwd = tmp_path_factory.mktemp("cache-home"), tmp_path_factory.mktemp("cache-cwd")
-    profile = {
-        "name": "cache-test",
-        "model": {"path": str(demo_assets.model_dir)},
-        "adapter": {"path": str(demo_assets.adapter_dir)},
-        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 16, "seq_len": 128},
-        "recipes": [{"method": "rtn", "bits": 8, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 64},
-                    {"method": "dynamic-int8"}],
-        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256,
-                       "speed": None, "method_gates": {"rtn-w8g64": {"min_compression": 100}}},
-        "registry": {"model_name": MODEL_NAME},
-    }
-    path = home / "profile.yaml"
-    path.write_text(yaml.safe_dump(profile))
+    profile = demo_profile(
+        demo_assets, "cache-test",
+        [{"method": "rtn", "bits": 8, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 64},
+         {"method": "dynamic-int8"}],
+        evaluation={"method_gates": {"rtn-w8g64": {"min_compression": 100}}}, registry={"model_name": MODEL_NAME})
+    path = write_profile(home / "profile.yaml", profile)
     out = cli(home, cwd, "run", str(path))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return home, cwd, path

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import model_cache, subprocess_env
+from tests.conftest import subprocess_env
 
 # Lines that come from other libraries, never from quantmill (the issue's list, plus Prefect's own log format).
 THIRD_PARTY = re.compile(
@@ -19,8 +19,6 @@ THIRD_PARTY = re.compile(
     r"Failed to load|bitsandbytes|recompil|torch\._dynamo|Loading weights|\| (INFO|WARNING|ERROR) +\||"
     r"temporary server|Token indices|warnings\.warn"
 )
-DEMO_RECIPES = ("recipes=[{method: rtn, bits: 8, group_size: 64}, {method: bnb-int8}, {method: bnb-nf4}, "
-                "{method: dynamic-int8}, {method: gptq, bits: 4, group_size: 64}]")
 
 
 def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
@@ -52,19 +50,9 @@ def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
         assert piece in text, text
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`quantmill demo` (+ a GPTQ recipe) from an empty directory, with the state folder elsewhere."""
-    home, cwd = tmp_path_factory.mktemp("console-home"), tmp_path_factory.mktemp("console-cwd")
-    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
-    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", "--set", DEMO_RECIPES], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=1500)
-    return home, cwd, env, out
-
-
 @pytest.mark.slow
 def test_demo_console_is_short_and_ours(demo_run):
-    home, cwd, _, out = demo_run
+    home, out = demo_run.home, demo_run.out
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = (out.stdout + out.stderr).splitlines()
     assert len(lines) <= 80, "\n".join(lines)
@@ -83,20 +71,17 @@ def test_demo_console_is_short_and_ours(demo_run):
 
 @pytest.mark.slow
 def test_demo_run_leaves_the_working_directory_empty(demo_run):
-    _, cwd, _, out = demo_run
-    assert out.returncode == 0
-    assert os.listdir(cwd) == []
+    assert demo_run.out.returncode == 0
+    assert os.listdir(demo_run.cwd) == []
 
 
 @pytest.mark.slow
-def test_verbose_shows_third_party_lines_live(demo_run):
-    home, cwd, env, _ = demo_run
-    out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", "-v", "--set", DEMO_RECIPES], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=900)
+def test_verbose_shows_third_party_lines_live(demo_rerun):
+    out = demo_rerun.out
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Finished in state Cached" in out.stdout + out.stderr  # Prefect's own lines, live
     assert re.search(r"quantize\s+cached", out.stdout)
-    assert os.listdir(cwd) == []
+    assert os.listdir(demo_rerun.cwd) == []
 
 
 def test_progress_bar_redrawn_in_place_and_cleared_by_a_step_line(monkeypatch):

@@ -11,28 +11,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, demo_profile, subprocess_env, write_profile
 from tests.test_pipeline_e2e import step_states
 
-REPO = Path(__file__).resolve().parents[1]
+NAME = "crash-test"
 
 
-def write_profile(tmp_path: Path, assets, name: str) -> Path:
-    profile = {
-        "name": name,
-        "model": {"path": str(assets.model_dir)},
-        "adapter": {"path": str(assets.adapter_dir)},
-        "calibration": {"source": {"path": str(assets.calib_path)}, "num_samples": 8, "seq_len": 128},
-        "recipes": [{"method": "bnb-int8"}, {"method": "bnb-nf4"}],
-        "evaluation": {"source": {"path": str(assets.eval_path)}, "max_tokens": 2048, "window": 256,
-                       "speed": None},  # generation speed is measured elsewhere; it costs ~20 s a run
-        "registry": {"model_name": name},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(profile))
-    return path
+def crash_profile(tmp_path: Path, assets, name: str = NAME) -> Path:
+    """Two bitsandbytes variants of the demo model (generation speed is measured elsewhere; it costs ~20 s a run)."""
+    return write_profile(tmp_path, demo_profile(assets, name, [{"method": "bnb-int8"}, {"method": "bnb-nf4"}]))
 
 
 def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
@@ -89,18 +77,48 @@ def alive(procs: list) -> list:
     return [p for p in procs if pid_alive(p.pid)]
 
 
+@pytest.fixture(scope="module")
+def concurrent(tmp_path_factory, demo_assets, warm_store):
+    """Two runs of one profile started at once on one state folder (its store seeded with the shared steps)."""
+    tmp = tmp_path_factory.mktemp("concurrent")
+    profile = crash_profile(tmp, demo_assets)
+    home = tmp / "home"
+    warm_store(home / "artifacts")
+    # Output goes to files: a run blocked on a full stderr pipe while holding a store lock would stall the other.
+    files = [open(tmp / f"run{i}.log", "w+") for i in range(2)]
+    procs = [cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT) for fh in files]
+    logs = []
+    for proc, fh in zip(procs, files):
+        proc.wait(timeout=1200)
+        fh.seek(0)
+        logs.append(fh.read())
+        fh.close()
+        assert proc.returncode == 0, logs[-1][-5000:]
+    return home, logs
+
+
 @pytest.mark.slow
-def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
+def test_two_concurrent_runs_register_once(concurrent):
+    home, logs = concurrent
+    # each variant was quantized by one of the two runs; the other waited on the store lock and reused it
+    assert sum(log.count("quantizing with bitsandbytes") for log in logs) == 2, logs[0][-3000:]
+    state = registry_state(home, NAME)
+    assert {v for v, _, _ in state} == {"bnb-int8", "bnb-nf4"} and len(state) == 2
+    assert leftovers(home) == []
+
+
+@pytest.mark.slow
+def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm_store):
     """kill -9 of `quantmill run` alone (not its process group): nothing it started survives, the next run
-    sweeps its scratch folder, closes its MLflow run (KILLED) and flow run (Crashed), and registers as usual."""
+    sweeps its scratch folder, closes its MLflow run (KILLED) and flow run (Crashed), and registers what an
+    undisturbed run registers (the concurrent runs' registry is the reference)."""
     import psutil
 
-    name = "crash-test"
-    profile = write_profile(tmp_path, demo_assets, name)
-    reference = tmp_path / "reference"
-    finish(cli(reference, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    profile = crash_profile(tmp_path, demo_assets)
+    reference = concurrent[0]
 
     home = tmp_path / "home"
+    warm_store(home / "artifacts")
     log = tmp_path / "killed.log"
     with open(log, "w") as fh:
         victim = cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
@@ -114,7 +132,7 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
         victim.wait(30)
     time.sleep(10)
     assert alive(started) == [], [c.cmdline() for c in alive(started)]
-    assert registry_state(home, name) == set()
+    assert registry_state(home, NAME) == set()
     scratch = home / "tmp" / str(victim.pid)
     assert scratch.is_dir()  # the killed run's temporary folder (library offload/scratch) is in the state folder
 
@@ -122,11 +140,11 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
     states = dict(step_states(out))
     for step in ("download", "merge", "calibrate"):
         assert states[step] == "Cached", states
-    assert registry_state(home, name) == registry_state(reference, name)
-    assert len(registry_state(home, name)) == 2
+    assert registry_state(home, NAME) == registry_state(reference, NAME)
+    assert len(registry_state(home, NAME)) == 2
     assert leftovers(home) == []
     assert not scratch.exists()
-    runs = {r.info.status: r for r in mlflow_runs(home, name)}
+    runs = {r.info.status: r for r in mlflow_runs(home, NAME)}
     assert sorted(runs) == ["FINISHED", "KILLED"], sorted(runs)
     assert "died" in runs["KILLED"].data.tags["quantmill.error"]
     killed_flow = runs["KILLED"].data.tags["prefect.flow_run_id"]
@@ -134,33 +152,11 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets):
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_register_once(tmp_path, demo_assets):
-    name = "concurrent-test"
-    profile = write_profile(tmp_path, demo_assets, name)
-    home = tmp_path / "home"
-    # Output goes to files: a run blocked on a full stderr pipe while holding a store lock would stall the other.
-    files = [open(tmp_path / f"run{i}.log", "w+") for i in range(2)]
-    procs = [cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT) for fh in files]
-    logs = []
-    for proc, fh in zip(procs, files):
-        proc.wait(timeout=1200)
-        fh.seek(0)
-        logs.append(fh.read())
-        fh.close()
-        assert proc.returncode == 0, logs[-1][-5000:]
-    # each variant was quantized by one of the two runs; the other waited on the store lock and reused it
-    assert sum(log.count("quantizing with bitsandbytes") for log in logs) == 2, logs[0][-3000:]
-    state = registry_state(home, name)
-    assert {v for v, _, _ in state} == {"bnb-int8", "bnb-nf4"} and len(state) == 2
-    assert leftovers(home) == []
-
-
-@pytest.mark.slow
 def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
     """Pre-emption sends SIGTERM: the run exits non-zero, leaves no process (Prefect's temporary server) behind."""
     import psutil
 
-    profile = write_profile(tmp_path, demo_assets, "sigterm-test")
+    profile = crash_profile(tmp_path, demo_assets, "sigterm-test")
     log = tmp_path / "run.log"
     with open(log, "w") as fh:
         proc = cli(tmp_path / "home", "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)

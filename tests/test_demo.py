@@ -10,31 +10,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantmill.demo import (
-    DemoAssets,
-    DemoSpec,
-    _publish,
-    build_demo_assets,
-    demo_text_splits,
-    demo_topic_keys,
-    eval_perplexity,
-)
+from quantmill.demo import DemoAssets, _publish, build_demo_assets
+from quantmill.demo_corpus import demo_text_splits, demo_topic_keys
+from quantmill.demo_training import DemoSpec, eval_perplexity
+from tests.conftest import cached_model
 
-SMALL = DemoSpec(steps=60, batch_size=8, lora_steps=12)
 TINY = DemoSpec(steps=3, batch_size=2, lora_steps=2)
 MAX_WINDOWS = 24
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    """Small llama demo build with adapter."""
-    return build_demo_assets(tmp_path_factory.mktemp("demo"), "llama", spec=SMALL, quiet=True)
+def llama(demo_assets: DemoAssets) -> DemoAssets:
+    """The session's demo Llama build (with adapter): the models the other tests use, built by build_demo_assets."""
+    return demo_assets
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
-    """Small qwen2 demo build with adapter."""
-    return build_demo_assets(tmp_path_factory.mktemp("demo"), "qwen2", spec=SMALL, quiet=True)
+def qwen2(qwen2_assets: DemoAssets) -> DemoAssets:
+    """The session's Qwen2 build, with an adapter added to it (build_demo_assets on an existing build)."""
+    assets = cached_model("qwen2", with_adapter=True)
+    assert assets.model_dir == qwen2_assets.model_dir
+    return assets
 
 
 def _load(assets: DemoAssets):
@@ -50,7 +46,7 @@ def test_files_exist(name: str, request: pytest.FixtureRequest) -> None:
     assets: DemoAssets = request.getfixturevalue(name)
     for f in ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
         assert (assets.model_dir / f).is_file(), f
-    assert assets.adapter_dir is not None
+    assert assets.adapter_dir == assets.root / "adapter"
     for f in ["adapter_config.json", "adapter_model.safetensors"]:
         assert (assets.adapter_dir / f).is_file(), f
     for p in (assets.train_path, assets.calib_path, assets.eval_path):
@@ -100,10 +96,10 @@ def test_cached_build_is_reused(llama: DemoAssets) -> None:
     weights = llama.model_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
     start = time.perf_counter()
-    again = build_demo_assets(llama.root.parent, "llama", spec=SMALL, quiet=True)
+    again = build_demo_assets(llama.root.parent, "llama", quiet=True)
     assert time.perf_counter() - start < 5.0
     assert again == llama and weights.stat().st_mtime_ns == mtime
-    no_adapter = build_demo_assets(llama.root.parent, "llama", with_adapter=False, spec=SMALL, quiet=True)
+    no_adapter = build_demo_assets(llama.root.parent, "llama", with_adapter=False, quiet=True)
     assert no_adapter.adapter_dir is None and no_adapter.model_dir == llama.model_dir
 
 

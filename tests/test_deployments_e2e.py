@@ -22,9 +22,8 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, demo_profile, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -186,17 +185,10 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
     assert "Sweep" in sweep["parameter_openapi_schema"]["definitions"]
 
     name = "deployed-demo"
-    profile = {
-        "name": "deploy-e2e",
-        "model": {"path": str(demo_assets.model_dir)},
-        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
-        "recipes": [{"method": "bnb-int8"}],
-        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 2048, "window": 256,
-                       "speed": None},
-        "registry": {"model_name": name},
+    profile = demo_profile(
+        demo_assets, "deploy-e2e", [{"method": "bnb-int8"}], adapter=None, registry={"model_name": name},
         # The form's default, as the UI posts it: the placeholder, expanded by the flow run on the worker.
-        "storage": {"root": schema["definitions"]["Storage"]["properties"]["root"]["default"]},
-    }
+        storage={"root": schema["definitions"]["Storage"]["properties"]["root"]["default"]})
     # The form's own check (the UI calls it while editing) and flow-run creation refuse a bad profile before
     # any run exists (enforce_parameter_schema); the demo profile and the profile above pass.
     def form_check(p: dict) -> bool:

@@ -25,8 +25,8 @@ from quantmill.refs import CheckpointRef, Lineage, ModelRef, Variant
 from quantmill.scoring import topk_kl
 from quantmill.tasks.evaluate import EVALUATE_CACHE, eval_data, evaluate
 from quantmill.windows import load_windows
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
 
 

@@ -11,28 +11,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
 from quantmill import state
 from quantmill.flows.cli import main
 from quantmill.hashing import sha256_file
-from tests.conftest import model_cache
+from tests.conftest import demo_profile, write_profile
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_ready():
-    """Start Prefect (server, logging) outside capsys, so its handlers keep a live stream."""
-    from prefect import flow
-
-    flow(lambda: None, name="warm-up")()
+pytestmark = pytest.mark.usefixtures("prefect_ready")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from quantmill.demo import DemoSpec, build_demo_assets
-
-    return build_demo_assets(model_cache(), arch="llama", with_adapter=True,
-                             spec=DemoSpec(steps=4, lora_steps=2, batch_size=4), quiet=True)
+def tiny(tiny_assets):
+    return tiny_assets
 
 
 def registry(name: str) -> list[tuple[str, str, str]]:
@@ -73,15 +63,11 @@ def test_damaged_files_recompute_or_fail_naming_them(tmp_path, tiny, capsys):
     shutil.copytree(tiny.model_dir, base)
     shutil.copytree(tiny.adapter_dir, adapter)
     store, name = tmp_path / "store", f"faults-{tmp_path.name}"[:60]
-    profile = {
-        "name": "faults", "model": {"path": str(base)}, "adapter": {"path": str(adapter)},
-        "calibration": {"source": {"path": str(tiny.calib_path)}, "num_samples": 4, "seq_len": 64},
-        "recipes": [{"method": "rtn", "bits": 8, "group_size": 64}],
-        "evaluation": {"source": {"path": str(tiny.eval_path)}, "max_tokens": 1024, "window": 128, "speed": None},
-        "registry": {"model_name": name}, "storage": {"root": str(store)},
-    }
-    path = tmp_path / "profile.yaml"
-    path.write_text(yaml.safe_dump(profile))
+    profile = demo_profile(tiny, "faults", [{"method": "rtn", "bits": 8, "group_size": 64}],
+                           model={"path": str(base)}, adapter={"path": str(adapter)},
+                           calibration={"num_samples": 4, "seq_len": 64}, evaluation={"max_tokens": 1024, "window": 128},
+                           registry={"model_name": name}, storage={"root": str(store)})
+    path = write_profile(tmp_path / "profile.yaml", profile)
     assert run(path, capsys)[0] == 0
     versions = registry(name)
     assert len(versions) == 1

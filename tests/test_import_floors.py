@@ -14,7 +14,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 FOLDERS = {"quantmill": "quantmill", "tasks": "quantmill.tasks", "flows": "quantmill.flows"}  # pyproject package-dir
 PREFECT = ("prefect", "prefect_dask")
 ALLOWED: set[tuple[str, str]] = set()  # (importer, imported) edges still to remove; it may only shrink (empty now)

@@ -15,15 +15,12 @@ import pytest
 
 from quantmill.errors import QuantmillError
 from quantmill.integrity import check_safetensors
-from tests.conftest import REPO, model_cache
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from quantmill.demo import DemoSpec, build_demo_assets
-
-    return build_demo_assets(model_cache(), arch="llama", with_adapter=True,
-                             spec=DemoSpec(steps=4, lora_steps=2, batch_size=4), quiet=True)
+def tiny(tiny_assets):
+    return tiny_assets
 
 
 def _cut(path: Path, size: int) -> None:

@@ -11,7 +11,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 LOCK, AUTOAWQ = REPO / "requirements" / "lock.txt", REPO / "requirements" / "autoawq.txt"
 LOCKED_EXTRAS = ("dev", "autoround", "dask")  # what requirements/lock.txt is compiled with (README: Versions)
 UNSAFE = {"pip", "setuptools"}  # pinned for the build of quantmill itself; a layered dev venv may have its own

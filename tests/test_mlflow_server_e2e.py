@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, demo_profile, subprocess_env, write_profile
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("rtn", "gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 RECIPES = [{"method": "rtn", "bits": 4, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 128},
            {"method": "awq", "bits": 4, "group_size": 128}, {"method": "bnb-int8"}, {"method": "bnb-nf4"},
@@ -90,20 +88,11 @@ def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
     pytest.fail("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
 
 
-def write_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: list[dict]) -> Path:
-    profile = {
-        "name": "server-e2e",
-        "model": {"path": str(demo_assets.model_dir)},
-        "adapter": {"path": str(adapter)},
-        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
-        "recipes": recipes,
-        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 4096, "window": 256,
-                       "speed": None, "gates": {"max_ppl_increase_pct": 1000}},  # every method registers
-        "registry": {"model_name": NAME},
-        "storage": {"root": str(store)},
-    }
-    path.write_text(yaml.safe_dump(profile))
-    return path
+def server_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes: list[dict]) -> Path:
+    """The demo model with `adapter`, every recipe registered (no gate can fail), artifacts in `store`."""
+    return write_profile(path, demo_profile(
+        demo_assets, "server-e2e", recipes, adapter={"path": str(adapter)}, registry={"model_name": NAME},
+        evaluation={"gates": {"max_ppl_increase_pct": 1000}}, storage={"root": str(store)}))
 
 
 def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedProcess:
@@ -132,11 +121,13 @@ def consumer_env(root: Path, uri: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, demo_assets):
-    """One pipeline run of every method against a real `mlflow server`, shared by this module's tests."""
+def served(tmp_path_factory, demo_assets, warm_store):
+    """One pipeline run of every method against a real `mlflow server`, shared by this module's tests (its store
+    seeded with the shared steps: the merge, calibration and baseline are not what this module tests)."""
     root = tmp_path_factory.mktemp("served")
     uri, proc = start_mlflow_server(root)
-    profile = write_profile(root / "profile.yaml", demo_assets, Path(demo_assets.adapter_dir), root / "store", RECIPES)
+    profile = server_profile(root / "profile.yaml", demo_assets, Path(demo_assets.adapter_dir),
+                            warm_store(root / "store"), RECIPES)
     run = run_pipeline(root, profile, uri)
     import mlflow
 
@@ -247,7 +238,7 @@ def test_same_weights_from_another_store_and_adapter_location_is_one_version(ser
     root, client = served["root"], served["client"]
     before = {mv.tags["variant"]: mv.version for mv in client.search_model_versions(f"name='{NAME}'")}
     adapter = shutil.copytree(demo_assets.adapter_dir, root / "moved" / "adapter")
-    profile = write_profile(root / "moved.yaml", demo_assets, adapter, root / "store2", [RECIPES[0], RECIPES[3]])
+    profile = server_profile(root / "moved.yaml", demo_assets, adapter, root / "store2", [RECIPES[0], RECIPES[3]])
     run_pipeline(root, profile, served["uri"])
     after = {mv.tags["variant"]: mv.version for mv in client.search_model_versions(f"name='{NAME}'")}
     assert after == before

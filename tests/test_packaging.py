@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 FOLDERS = {"quantmill": "quantmill", "flows": "quantmill.flows", "tasks": "quantmill.tasks"}
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from quantmill.hashing import hash_tree
-from tests.conftest import model_cache, subprocess_env
+from tests.conftest import REPO, model_cache, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
+BITS = {"rtn": "8", "bnb-int8": "8", "bnb-nf4": "4", "dynamic-int8": "8", "gptq": "4"}  # the demo's recipes + GPTQ
+PASSED = sorted(BITS)  # every one of them passes its gate
 
 
 def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -41,23 +42,25 @@ def mlflow_client(home: Path):
 
 
 @pytest.mark.slow
-def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
-    home = tmp_path / "home"
-    first = run_cli(home, "demo")
+def test_demo_registers_variants_then_reruns_cached(demo_run, demo_rerun, demo_assets):
+    """The demo (+ GPTQ) from a fresh state folder, the same run again (all cached), then with more evaluation
+    tokens (only the evaluation recomputes); the console tests read the same two first runs."""
+    home, first = demo_run.home, demo_run.out
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-5000:]
     assert "perplexity: token-level exp(mean NLL) over 64 windows of 256 tokens, stride 256" in first.stdout
     client = mlflow_client(home)
     versions = client.search_model_versions("name='quantmill-demo'")
-    assert len(versions) >= 3, first.stdout[-3000:]
+    assert sorted(mv.tags["method"] for mv in versions) == PASSED, first.stdout[-3000:]
     base_sha = hash_tree(Path(demo_assets.model_dir))
     adapter_sha = hash_tree(Path(demo_assets.adapter_dir))
     run = None
     for mv in versions:
         t = mv.tags
-        assert t["gate"] == "passed" and t["method"] in {"rtn", "bnb-int8", "bnb-nf4", "dynamic-int8"}
+        assert t["gate"] == "passed"
         assert t["base_sha256"] == base_sha and t["adapter_sha256"] == adapter_sha
         assert t["merged_sha256"] and t["merged_sha256"] != base_sha
         assert len(t["calibration_digest"]) == (64 if t["calibration_used"] == "true" else 0)
-        assert t["bits"] in {"4", "8"}
+        assert t["bits"] == BITS[t["method"]]
         delta = 100 * (float(t["perplexity"]) / float(t["baseline_perplexity"]) - 1)
         assert abs(delta - float(t["ppl_delta_pct"])) < 1e-3
         assert float(t["ppl_delta_pct"]) <= 5.0
@@ -76,17 +79,21 @@ def test_demo_registers_variants_then_reruns_cached(tmp_path, demo_assets):
     champion = client.get_model_version_by_alias("quantmill-demo", "champion")
     assert int(champion.tags["size_bytes"]) == min(int(mv.tags["size_bytes"]) for mv in versions)
 
-    second = run_cli(home, "demo")
+    second = demo_rerun.out
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-5000:]
     states = dict(step_states(second.stdout))
     for step in STEPS:
         assert states.get(step) == "Cached", (step, states)
     assert len(client.search_model_versions("name='quantmill-demo'")) == len(versions)
 
-    third = run_cli(home, "demo", "--set", "evaluation.max_tokens=4096")
+    # More evaluation tokens for one of the recipes (speed not measured: the evaluation recomputes either way).
+    third = run_cli(home, "demo", "--set", "evaluation.max_tokens=4096", "--set", "evaluation.speed=null",
+                    "--set", "recipes=[{method: rtn, bits: 8, group_size: 64}]")
     pairs = step_states(third.stdout)
     states = {}
     for name, st in pairs:
         states.setdefault(name, set()).add(st)
     for step in ("download", "merge", "calibrate", "quantize"):
         assert states[step] == {"Cached"}, (step, pairs)
-    assert states["eval-data"] == {"Completed"} and "Completed" in states["evaluate"], pairs
+    assert states["eval-data"] == {"Completed"} and states["evaluate"] == {"Completed"}, pairs
+    assert [name for name, _ in pairs].count("evaluate") == 2, pairs  # the baseline and the one variant

@@ -19,8 +19,8 @@ from quantmill.machine import Machine
 from quantmill.plan import plan_profile
 from quantmill.profile_io import load_profile
 from quantmill.weights import config_weights, folder_weights
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # One fresh process measures each step in turn: the step's peak is VmHWM (reset just before) minus the RSS before.
 CHILD = r"""
 import ctypes, gc, json, re, sys

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 MiB = 2**20
 DEEP = 7  # decoder layers of the deeper model
 PROBE = textwrap.dedent("""

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from quantmill.errors import ProfileError
 from quantmill.profile_io import parse_profile
+from tests.conftest import write_profile
 from tests.test_pipeline_e2e import mlflow_client, run_cli, step_states
 
 BASE = {
@@ -54,23 +54,14 @@ def test_grid_without_a_valid_combination_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_path, demo_assets):
+def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_path, make_profile, warm_store):
     name = "sweep-test"
-    profile = {
-        "name": name,
-        "model": {"path": str(demo_assets.model_dir)},
-        "adapter": {"path": str(demo_assets.adapter_dir)},
-        "calibration": {"source": {"path": str(demo_assets.calib_path)}, "num_samples": 8, "seq_len": 128},
-        "sweep": {"grid": [{"methods": ["rtn"], "bits": [4, 8], "group_sizes": [64]},
-                           {"methods": ["bnb-int8", "bnb-nf4"]}],
-                  "runner": {"kind": "dask", "max_workers": 2}},
-        "evaluation": {"source": {"path": str(demo_assets.eval_path)}, "max_tokens": 2048, "window": 256,
-                       "speed": {"enabled": False}},
-        "registry": {"model_name": name},
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(profile))
+    profile = make_profile(name, [], sweep={"grid": [{"methods": ["rtn"], "bits": [4, 8], "group_sizes": [64]},
+                                                     {"methods": ["bnb-int8", "bnb-nf4"]}],
+                                            "runner": {"kind": "dask", "max_workers": 2}})
+    path = write_profile(tmp_path / "sweep.yaml", profile)
     home = tmp_path / "home"
+    warm_store(home / "artifacts")  # the merge, calibration and baseline come back from the store: still one run each
     proc = run_cli(home, "sweep", str(path), "-v")  # -v: the Dask/Prefect lines are shown live
     out = proc.stdout
     assert "Creating a new Dask cluster" in proc.stderr and "Starting temporary server" not in proc.stderr.split(
@@ -93,8 +84,9 @@ def test_dask_sweep_computes_shared_steps_once_and_evaluates_every_variant(tmp_p
     rows = {r["variant"]: r for r in report["rows"][1:]}
     assert set(rows) == {"rtn-w4g64", "rtn-w8g64", "bnb-int8", "bnb-nf4"}
     assert all(r["perplexity"] > 0 for r in rows.values())
-    assert evaluated == {v for v, r in rows.items() if r["gate"] == "pass"} and len(evaluated) >= 3
-    assert client.get_model_version_by_alias(name, "champion").tags["variant"] in evaluated
+    assert {r["gate"] for r in rows.values()} == {"pass"} and evaluated == set(rows)  # every variant registered
+    sizes = {mv.tags["variant"]: int(mv.tags["size_bytes"]) for mv in versions}
+    assert client.get_model_version_by_alias(name, "champion").tags["variant"] == min(sizes, key=sizes.get)
 
 
 @pytest.fixture()

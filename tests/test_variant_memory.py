@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import subprocess_env
+from tests.conftest import REPO, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPES = [{"method": "rtn", "bits": 4, "group_size": 128}, {"method": "bnb-nf4"},
            {"method": "rtn", "bits": 8, "group_size": 128}, {"method": "bnb-int8"}]
 
