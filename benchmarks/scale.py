@@ -151,8 +151,10 @@ def env_for(home: Path) -> dict[str, str]:
 def tree_memory(pid: int) -> dict[int, int]:
     """{pid: bytes} of process `pid` (its RSS) and of each descendant (its USS: the pages only it holds), now.
 
-    A descendant's shared pages are the command's own (a fork shares the parent's pages until it writes them) or
-    libraries' files: counted once, in the command's RSS. Its private pages, all the work it does, are counted."""
+    A descendant's shared pages are the command's own or libraries' files: counted once, in the command's RSS. Its
+    private pages, all the work it does, are counted. A child not yet exec'd (its parent's command line: the
+    instant between `subprocess`'s vfork and exec, e.g. `git rev-parse` for the MLflow run) is the parent's
+    address space itself, whose pages its USS would count a second time: skipped."""
     import psutil
 
     try:
@@ -163,8 +165,11 @@ def tree_memory(pid: int) -> dict[int, int]:
     out = {}
     for p in procs:
         try:
-            out[p.pid] = p.memory_info().rss if p.pid == pid else p.memory_full_info().uss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            if p.pid == pid:
+                out[p.pid] = p.memory_info().rss
+            elif p.cmdline() != p.parent().cmdline():
+                out[p.pid] = p.memory_full_info().uss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):  # gone, or its parent gone (None)
             pass
     return out
 
