@@ -162,7 +162,7 @@ def warm_store(demo_assets, tmp_path_factory):
     them. Tests of those steps themselves, of caching or of a first run's console use an empty store.
     """
     from quantmill.flows.pipeline import prepare
-    from quantmill.profile import parse_profile
+    from quantmill.profile_io import parse_profile
 
     template = tmp_path_factory.mktemp("warm-store")
     profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
