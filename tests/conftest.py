@@ -222,3 +222,17 @@ def prefect_ready():
     from prefect import flow
 
     flow(lambda: None, name="warm-up")()
+
+
+@pytest.fixture(scope="session")
+def bf16_model(demo_assets, tmp_path_factory) -> Path:
+    """A bf16 copy of the demo Llama (config.json says bfloat16), with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.bfloat16).save_pretrained(out)
+    for f in demo_assets.model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, out / f.name)
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,6 @@ PARAMS = {"rtn": {"bits": 4, "group_size": 32}, "gptq": {"bits": 4, "group_size"
 # GGUF is not a safetensors checkpoint: llama.cpp's format stores norms as F32 and quantizes embeddings by design.
 NOT_SAFETENSORS = {"gguf"}
 OPTIONAL = {"autoround": "auto_round"}  # methods whose library is an optional install
-
-
-@pytest.fixture(scope="module")
-def bf16_model(demo_assets, tmp_path_factory) -> Path:
-    """A bf16 copy of the demo Llama (config.json says bfloat16), with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("bf16") / "model"
-    AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.bfloat16).save_pretrained(out)
-    for f in demo_assets.model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,19 +36,6 @@ ref = step(sys.argv[1])
 gc.collect()
 print("gptqmodel imported:", "gptqmodel" in sys.modules, "model alive:", ref() is not None)
 """
-
-
-@pytest.fixture(scope="module")
-def bf16_model(demo_assets, tmp_path_factory) -> Path:
-    """A bf16 copy of the demo Llama (config.json says bfloat16), with its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("bf16") / "model"
-    AutoModelForCausalLM.from_pretrained(demo_assets.model_dir, dtype=torch.bfloat16).save_pretrained(out)
-    for f in demo_assets.model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, out / f.name)
-    return out
 
 
 @pytest.mark.slow
