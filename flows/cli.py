@@ -104,7 +104,9 @@ def run_loaded(profile: Any, flow_name: str = "quantize") -> Any:
     _quiet_user_errors()
     from quantmill.flows.pipeline import quantize_pipeline
     from quantmill.flows.sweep import sweep
+    from quantmill.memory import freeze_imports
 
+    freeze_imports("torch", "transformers")  # what the steps load anyway; collections between steps skip it
     start = time.time()
     state_ = (sweep if flow_name == "sweep" else quantize_pipeline)(profile, return_state=True)
     summary = state_.result()

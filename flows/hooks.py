@@ -21,11 +21,12 @@ def step_hooks(label: str, peaks: dict[str, int] | None = None) -> dict[str, lis
         reset_peak()
 
     def ended(task: Any, run: Any, state: Any) -> None:
+        if state.name == "Cached":  # a cache hit never ran: it loaded nothing to give back, the mark is not its own
+            return
         peak, after = peak_rss(), give_back()
-        if state.name != "Cached":  # a cache hit never ran: the mark is not its own
-            if peaks is not None:
-                peaks[label] = peak
-            task_run_logger(run, task).info("memory: step %s peak RSS %.0f MiB, %.0f MiB after it", label,
-                                            peak / 2**20, after / 2**20)
+        if peaks is not None:
+            peaks[label] = peak
+        task_run_logger(run, task).info("memory: step %s peak RSS %.0f MiB, %.0f MiB after it", label,
+                                        peak / 2**20, after / 2**20)
 
     return {"on_running": [started], "on_completion": [ended], "on_failure": [give_back_hook]}

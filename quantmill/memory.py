@@ -76,6 +76,21 @@ def give_back() -> int:
     return rss()
 
 
+def freeze_imports(*modules: str) -> None:
+    """Import `modules`, then move every object alive now out of the cyclic collector's way (`gc.freeze`).
+
+    With torch, transformers, Prefect and MLflow loaded, a full collection walks about 570,000 objects (0.4 s on
+    one core), almost all of them modules, classes and functions that live as long as the process; a run collects
+    after every step and variant. Frozen, they are skipped, and each `give_back()` walks only what the steps made
+    since. Call it once, before any model exists: what is frozen is never collected."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    gc.collect()
+    gc.freeze()
+
+
 def give_back_hook(*_args: object) -> None:
     """A Prefect state hook (task or flow, on completion/failure): release what the finished step held."""
     give_back()

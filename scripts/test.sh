@@ -4,8 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export HF_HUB_OFFLINE=1 GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2}
+# Two pytest-xdist workers (QUANTMILL_TEST_WORKERS; 0 runs in one process); conftest.py orders the tests dearest
+# first and keeps tests that share a dear fixture on one worker.
+workers=${QUANTMILL_TEST_WORKERS:-2}
+xdist=()
+if [ "$workers" != 0 ]; then
+  xdist=(-n "$workers" --dist loadgroup --no-loadscope-reorder)
+fi
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "${xdist[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -17,7 +17,8 @@ import pytest
 
 from quantmill.cachectl import human_size, parse_age
 from quantmill.errors import QuantmillError
-from tests.conftest import demo_profile, subprocess_env, write_profile
+from tests.conftest import demo_profile, write_profile
+from tests.servers import served_env
 
 MODEL_NAME = "cache-cli-test"
 
@@ -44,7 +45,7 @@ def setup(tmp_path_factory, demo_assets):
 
 
 def cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=cwd, env=subprocess_env(home),
+    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=cwd, env=served_env(home),
                           capture_output=True, text=True, timeout=1200)
 
 

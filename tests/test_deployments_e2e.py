@@ -5,15 +5,10 @@ its parameters (what the UI's form posts), then the version it registered in the
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -23,66 +18,9 @@ import requests
 import yaml
 
 from tests.conftest import REPO, demo_profile, subprocess_env
+from tests.servers import PREFECT, prefect_server, stop, tail
 
-PREFECT = [sys.executable, "-m", "prefect"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else f"({path} missing)"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group (a worker's flow-run child, uvicorn's workers), then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@contextlib.contextmanager
-def prefect_server(tmp_path: Path, ui: bool = False):
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite database there)."""
-    port = free_port()
-    log = tmp_path / "server.log"
-    env = subprocess_env(tmp_path / "server-home", PREFECT_HOME=str(tmp_path / "server-prefect"),
-                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower(),
-                         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
-    env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"prefect server exited with {proc.returncode}: {tail(log)}")
-            try:
-                if requests.get(f"{api}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("prefect server did not answer /api/health within 240 s: " + tail(log))
-        yield api
-    finally:
-        stop(proc)
 
 
 @pytest.fixture()

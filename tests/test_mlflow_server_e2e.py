@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, demo_profile, subprocess_env, write_profile
+from tests.conftest import REPO, demo_profile, write_profile
+from tests.servers import served_env
 
 METHODS = ("rtn", "gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 RECIPES = [{"method": "rtn", "bits": 4, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 128},
@@ -96,7 +97,7 @@ def server_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes:
 
 
 def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedProcess:
-    env = subprocess_env(root / "home", MLFLOW_TRACKING_URI=uri)
+    env = served_env(root / "home", MLFLOW_TRACKING_URI=uri)
     run = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(profile)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from quantmill.hashing import hash_tree
-from tests.conftest import REPO, model_cache, subprocess_env
+from tests.conftest import REPO, model_cache
+from tests.servers import served_env
 
 STEPS = ("download", "merge", "calibrate", "eval-data", "evaluate", "quantize", "register")
 BITS = {"rtn": "8", "bnb-int8": "8", "bnb-nf4": "4", "dynamic-int8": "8", "gptq": "4"}  # the demo's recipes + GPTQ
@@ -19,7 +20,7 @@ PASSED = sorted(BITS)  # every one of them passes its gate
 
 def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     """`quantmill ARGS` in a fresh process against the state folder `home`."""
-    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
+    env = served_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
     proc = subprocess.run(
         [sys.executable, "-m", "quantmill.flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
     )

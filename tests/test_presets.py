@@ -14,7 +14,7 @@ from quantmill.errors import QuantmillError
 from quantmill.flows.cli import main
 from quantmill.presets import available, resolve
 from quantmill.recipes import Recipe
-from tests.conftest import subprocess_env
+from tests.servers import served_env
 
 NAMES = ["cpu-int8", "gpu-8bit", "gpu-4bit", "gptq-4bit", "awq-4bit", "sweep-small"]
 CANONICAL = {"cpu-int8": "dynamic-int8", "gpu-8bit": "bnb-int8", "gpu-4bit": "bnb-nf4", "gptq-4bit": "gptq",
@@ -118,7 +118,7 @@ CHEAPER = ("--set", "calibration.num_samples=32", "--set", "evaluation.max_token
 
 
 def _cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args, *CHEAPER], cwd=cwd, env=subprocess_env(home),
+    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args, *CHEAPER], cwd=cwd, env=served_env(home),
                           capture_output=True, text=True, timeout=1500)
 
 

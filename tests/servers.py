@@ -1,0 +1,106 @@
+"""Prefect servers for tests: one started per test (`prefect_server`), and one shared by a test process's CLI runs."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import subprocess_env
+
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else f"({path} missing)"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (a worker's flow-run child, uvicorn's workers), then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def start_prefect_server(root: Path, ui: bool = False) -> tuple[str, subprocess.Popen]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite database there) under
+    `root`; returns its API URL once /api/health answers, and the process (stop it with `stop`)."""
+    port = free_port()
+    log = root / "server.log"
+    env = subprocess_env(root / "server-home", PREFECT_HOME=str(root / "server-prefect"),
+                         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower(),
+                         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=root, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}: {tail(log)}")
+        try:
+            if requests.get(f"{api}/health", timeout=2).ok:
+                return api, proc
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    pytest.fail("prefect server did not answer /api/health within 240 s: " + tail(log))
+
+
+@contextlib.contextmanager
+def prefect_server(root: Path, ui: bool = False) -> Iterator[str]:
+    """A Prefect server for the block (see `start_prefect_server`)."""
+    api, proc = start_prefect_server(root, ui)
+    try:
+        yield api
+    finally:
+        stop(proc)
+
+
+_shared: dict[str, str] = {}
+
+
+def shared_prefect_api() -> str:
+    """The Prefect server this test process's CLI runs share (started on first use, stopped at exit).
+
+    A `quantmill run` without PREFECT_API_URL starts Prefect's temporary server and migrates a fresh database for
+    its state folder (≈ 12 s of CPU); runs that test something else report to this one instead, as a deployment's
+    runs do. Tests of the temporary server itself (first-run console, crash safety) keep it."""
+    if "api" not in _shared:
+        api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")))
+        atexit.register(stop, proc)
+        _shared["api"] = api
+    return _shared["api"]
+
+
+def served_env(home: Path, **extra: str) -> dict[str, str]:
+    """`subprocess_env` for a CLI run that reports to `shared_prefect_api()` (its own PREFECT_HOME in `home`)."""
+    return subprocess_env(home, PREFECT_API_URL=shared_prefect_api(), PREFECT_HOME=str(home / "prefect"), **extra)
