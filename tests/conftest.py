@@ -123,18 +123,6 @@ def demo_llama():
     return cached_model("llama", with_adapter=True)
 
 
-def tiny_llama():
-    """A Llama (+ adapter) trained 4 steps: real files for tests of file handling, not of quality."""
-    from quantmill.demo_training import DemoSpec
-
-    return cached_model("llama", with_adapter=True, spec=DemoSpec(steps=4, lora_steps=2, batch_size=4))
-
-
-def demo_qwen2():
-    """A small Qwen2 (GQA, tied embeddings, attention bias), trained once and cached."""
-    return cached_model("qwen2", with_adapter=False)
-
-
 @pytest.fixture(scope="session")
 def demo_assets():
     """The demo Llama (+ LoRA adapter), trained once and cached."""
@@ -144,33 +132,15 @@ def demo_assets():
 @pytest.fixture(scope="session")
 def tiny_assets():
     """A Llama (+ adapter) trained 4 steps: real files for tests of file handling, not of quality."""
-    return tiny_llama()
+    from quantmill.demo_training import DemoSpec
+
+    return cached_model("llama", with_adapter=True, spec=DemoSpec(steps=4, lora_steps=2, batch_size=4))
 
 
 @pytest.fixture(scope="session")
 def qwen2_assets():
     """A small Qwen2 (GQA, tied embeddings, attention bias), trained once and cached."""
-    return demo_qwen2()
-
-
-# The session fixtures that train a model on first use, and their builders.
-MODEL_FIXTURES = {"demo_assets": demo_llama, "qwen2_assets": demo_qwen2, "tiny_assets": tiny_llama}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtestloop(session: pytest.Session) -> None:
-    """Under pytest-xdist, train the models the collected tests need before the first test, each worker starting
-    with a different one: on a fresh clone the Llama and the Qwen2 train side by side (a worker that reaches a
-    model another is training waits for it: `_building`), instead of every worker waiting on the first."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None or session.config.option.collectonly:
-        return
-    names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    builders = [build for name, build in MODEL_FIXTURES.items() if name in names]
-    if builders:
-        turn = int(worker.removeprefix("gw")) % len(builders)
-        for build in builders[turn:] + builders[:turn]:
-            build()
+    return cached_model("qwen2", with_adapter=False)
 
 
 def _merged(base: dict, extra: dict) -> dict:
