@@ -83,6 +83,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_uris_not_inherited() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` (quantmill.tracking.client) exports the URI to os.environ, where quantmill reads
+    a user's MLFLOW_TRACKING_URI: after an in-process run on another state folder, the next test in this process
+    would track there. Each test leaves them as the session has them (unset)."""
+    yield
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
+
+
 def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment for a quantmill subprocess with its own state folder (nothing inherited from this session)."""
     env = {**os.environ, "QUANTMILL_HOME": str(home), **extra}
