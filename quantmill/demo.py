@@ -24,6 +24,7 @@ from quantmill.demo_training import (
     train_tokenizer,
     validate_spec,
 )
+from quantmill.locks import file_lock
 
 CODE_VERSION = "1"
 
@@ -127,7 +128,9 @@ def build_demo_assets(
     final = Path(root).resolve() / f"{arch}-{spec_hash(spec)}"
     if final.exists() and not (final / "DONE").exists():
         raise ValueError(f"incomplete demo build at {final} (no DONE marker); delete it and retry")
-    with _root_logging_kept():
+    # One builder per build: another process (a second test worker, a demo beside the tests) waits for it and
+    # reuses it instead of training the same model again; other builds go on beside it.
+    with file_lock(final.parent / f".{final.name}.lock"), _root_logging_kept():
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
             _build_base(arch, spec, final, with_adapter, quiet)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -44,8 +42,8 @@ SHARED_RUNS = ("demo_run", "demo_rerun")  # session fixtures too dear to compute
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Order the tests dearest module first (slow tests before fast ones elsewhere), keeping each module's tests
-    together; and keep the tests that share a dear fixture on one pytest-xdist worker (`xdist_group`): a module's
+    """Order the tests dearest module first (then the other modules with slow tests, then the rest), keeping each
+    module's tests together; and keep the tests that share a dear fixture on one pytest-xdist worker (`xdist_group`): a module's
     own module-scoped fixtures, or the one cold `quantmill demo` run."""
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
@@ -107,25 +105,12 @@ def model_cache() -> Path:
     return Path(os.environ.get("QUANTMILL_TEST_MODELS") or REPO / ".quantmill" / "test-models")
 
 
-@contextlib.contextmanager
-def _building(key: str) -> Iterator[None]:
-    """One builder per model: a second test process waits for that model, not trains it too (other models train
-    beside it: the Llama and the Qwen2 on two workers at once)."""
-    root = model_cache()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".build-{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def cached_model(arch: str, with_adapter: bool, spec=None):
-    """A demo model from the model cache, trained on first use (build_demo_assets keys the cache by its spec)."""
-    from quantmill.demo import build_demo_assets, spec_hash
-    from quantmill.demo_training import DemoSpec
+    """A demo model from the model cache, trained on first use (build_demo_assets keys the cache by its spec and
+    lets one process build each model: a second test worker waits for it)."""
+    from quantmill.demo import build_demo_assets
 
-    with _building(f"{arch}-{spec_hash(spec or DemoSpec())}"):
-        return build_demo_assets(model_cache(), arch=arch, with_adapter=with_adapter, spec=spec, quiet=spec is not None)
-
+    return build_demo_assets(model_cache(), arch=arch, with_adapter=with_adapter, spec=spec, quiet=spec is not None)
 
 
 def demo_llama():

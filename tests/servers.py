@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -85,20 +86,16 @@ def prefect_server(root: Path, ui: bool = False) -> Iterator[str]:
         stop(proc)
 
 
-_shared: dict[str, str] = {}
-
-
+@functools.cache
 def shared_prefect_api() -> str:
     """The Prefect server this test process's CLI runs share (started on first use, stopped at exit).
 
     A `quantmill run` without PREFECT_API_URL starts Prefect's temporary server and migrates a fresh database for
     its state folder (≈ 12 s of CPU); runs that test something else report to this one instead, as a deployment's
     runs do. Tests of the temporary server itself (first-run console, crash safety) keep it."""
-    if "api" not in _shared:
-        api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")))
-        atexit.register(stop, proc)
-        _shared["api"] = api
-    return _shared["api"]
+    api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")))
+    atexit.register(stop, proc)
+    return api
 
 
 def served_env(home: Path, **extra: str) -> dict[str, str]:
