@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 
 from quantmill.state import WATCHDOG
@@ -21,6 +20,9 @@ def guard_prefect_server() -> int | None:
         return None
     if not get_current_settings().server.ephemeral.enabled:
         return None
+    # Prefect's server package (FastAPI app, database models) costs ~2 s of imports: only for the temporary server.
+    from prefect.server.api.server import SubprocessASGIServer
+
     server = SubprocessASGIServer()
     server.start()
     proc = server.server_process

@@ -23,6 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("PREFECT_API_URL", None)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
+    # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking. Tests and their
+    # subprocesses run it eagerly; the cold `quantmill demo` run (demo_cli) keeps PyTorch's default, compiled path.
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     from quantmill import state
 
     state.configure_environment()
@@ -132,10 +136,18 @@ def tiny_assets():
     return cached_model("llama", with_adapter=True, spec=DemoSpec(steps=4, lora_steps=2, batch_size=4))
 
 
+def qwen2_spec():
+    """The test Qwen2's training: half the demo's steps (training is the dearest fixture on a fresh clone: 95 s at
+    560 steps; measured 2026-12-01, every Qwen2 quality test passes at 280)."""
+    from quantmill.demo_training import DemoSpec
+
+    return DemoSpec(steps=280)
+
+
 @pytest.fixture(scope="session")
 def qwen2_assets():
     """A small Qwen2 (GQA, tied embeddings, attention bias), trained once and cached."""
-    return cached_model("qwen2", with_adapter=False)
+    return cached_model("qwen2", with_adapter=False, spec=qwen2_spec())
 
 
 def _merged(base: dict, extra: dict) -> dict:
@@ -234,6 +246,7 @@ class DemoRun:
 def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
     """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
     env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
+    env.pop("TORCH_COMPILE_DISABLE", None)  # the demo as users run it: gptqmodel's compiled dequantizer included
     out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
     return DemoRun(home, cwd, env, out)

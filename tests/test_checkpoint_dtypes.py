@@ -20,7 +20,7 @@ import torch
 from quantmill.methods.registry import QuantizeJob, build_config, get_method, known_methods
 
 PARAMS = {"rtn": {"bits": 4, "group_size": 32}, "gptq": {"bits": 4, "group_size": 32}, "awq": {"group_size": 32},
-          "autoround": {"bits": 4, "group_size": 32}}
+          "autoround": {"bits": 4, "group_size": 32, "iters": 4}}  # dtypes, not quality: 4 tuning steps, not 200
 # GGUF is not a safetensors checkpoint: llama.cpp's format stores norms as F32 and quantizes embeddings by design.
 NOT_SAFETENSORS = {"gguf"}
 OPTIONAL = {"autoround": "auto_round"}  # methods whose library is an optional install

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from quantmill.demo import DemoAssets, _publish, build_demo_assets
 from quantmill.demo_corpus import demo_text_splits, demo_topic_keys
 from quantmill.demo_training import DemoSpec, eval_perplexity
-from tests.conftest import cached_model
+from tests.conftest import cached_model, qwen2_spec
 
 TINY = DemoSpec(steps=3, batch_size=2, lora_steps=2)
 MAX_WINDOWS = 24
@@ -28,7 +28,7 @@ def llama(demo_assets: DemoAssets) -> DemoAssets:
 @pytest.fixture(scope="module")
 def qwen2(qwen2_assets: DemoAssets) -> DemoAssets:
     """The session's Qwen2 build, with an adapter added to it (build_demo_assets on an existing build)."""
-    assets = cached_model("qwen2", with_adapter=True)
+    assets = cached_model("qwen2", with_adapter=True, spec=qwen2_spec())
     assert assets.model_dir == qwen2_assets.model_dir
     return assets
 
