@@ -14,7 +14,7 @@ from tests.conftest import REPO, model_cache
 
 @pytest.mark.slow
 def test_quantize_benchmark_prints_reference_and_method_rows(demo_assets):
-    env = {**os.environ, "QUANTMILL_TEST_MODELS": str(model_cache()), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "QUANTMILL_TEST_MODELS": str(model_cache())}
     proc = subprocess.run([sys.executable, "benchmarks/quantize.py", "--methods", "rtn", "--max-tokens", "512",
                            "--calib-samples", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

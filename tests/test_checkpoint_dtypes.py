@@ -8,13 +8,9 @@ checkpoints are also compared with bitsandbytes' own save of the same bf16 model
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
 from quantmill.methods.registry import QuantizeJob, build_config, get_method, known_methods

@@ -110,10 +110,10 @@ def test_bad_preset_command_lines(argv, expected, demo_assets, capsys):
 # --- end to end: every preset on the demo model (CPU), from the command line ----------------------------------
 
 
-# The presets' default calibration text and window length, with fewer windows than their 128: AWQ on 128 x 512
+# The presets' default calibration text and window length, with 8 windows instead of their 128: AWQ on 128 x 512
 # tokens takes minutes on a busy 2-core machine, and the test is about the presets running, not their quality;
-# for the same reason a quarter of their evaluation tokens and no generation-speed measurement (test_evaluate's).
-CHEAPER = ("--set", "calibration.num_samples=32", "--set", "evaluation.max_tokens=4096",
+# for the same reason an eighth of their evaluation tokens and no generation-speed measurement (test_evaluate's).
+CHEAPER = ("--set", "calibration.num_samples=8", "--set", "evaluation.max_tokens=2048",
            "--set", "evaluation.speed.enabled=false")
 
 

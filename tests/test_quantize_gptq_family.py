@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,10 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-# Before torch starts OpenMP: spinning worker threads make a busy 2-core box ~10x slower (passive waits don't).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method

@@ -57,7 +57,7 @@ def make_model(folder: Path, layers: int, tokenizer_from: Path) -> int:
 
 
 def start_probe(method: str, model: Path, calib: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "GPTQMODEL_CPU_WORKERS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-c", PROBE, str(REPO), method, str(model), str(calib), str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

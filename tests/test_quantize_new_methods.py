@@ -9,7 +9,6 @@ against this test's own reference, and quality against RTN / the fp baseline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 import torch
 
 from quantmill.errors import QuantmillError
