@@ -38,6 +38,17 @@ def cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.
     return run
 
 
+def api_session() -> requests.Session:
+    """HTTP to the Prefect API, retrying what the server answers 503 ("Service Unavailable": errors a client may
+    retry on, e.g. SQLite busy on a loaded machine) as Prefect's own client does."""
+    from urllib3.util.retry import Retry
+
+    s = requests.Session()
+    retry = Retry(total=5, status_forcelist=[503], allowed_methods=None, backoff_factor=0.5, raise_on_status=False)
+    s.mount("http://", requests.adapters.HTTPAdapter(max_retries=retry))
+    return s
+
+
 def deploy_all(tmp_path: Path, api: str, home: Path, **extra: str) -> dict[str, str]:
     """One-time setup, as in the README: the pool prefect.yaml names, then every deployment in it."""
     env = subprocess_env(
@@ -90,7 +101,7 @@ def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, pref
         QUANTMILL_REPO=str(REPO),
     )
 
-    s = requests.Session()
+    s = api_session()
     deployment = s.get(f"{prefect_api}/deployments/name/quantize/quantize", timeout=30).json()
     assert deployment["work_pool_name"] == "quantmill" and deployment["enforce_parameter_schema"]
     # The parameter schema is what the UI renders as a form: one required `profile` built from the typed model.
