@@ -118,7 +118,7 @@ def cached_model(arch: str, with_adapter: bool, spec=None):
     lets one process build each model: a second test worker waits for it)."""
     from quantmill.demo import build_demo_assets
 
-    return build_demo_assets(model_cache(), arch=arch, with_adapter=with_adapter, spec=spec, quiet=spec is not None)
+    return build_demo_assets(model_cache(), arch=arch, with_adapter=with_adapter, spec=spec, quiet=True)
 
 
 def demo_llama():
