@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
     # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking. Tests and their
-    # subprocesses run it eagerly; the cold `quantmill demo` run (demo_cli) keeps PyTorch's default, compiled path.
+    # subprocesses run it eagerly; those about what users' runs hold and print keep PyTorch's default (`compiled`).
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     # Before torch starts OpenMP: two test workers with two OpenMP threads each share two cores, so idle OpenMP
     # threads sleep instead of spinning (measured 2026-12-02 on the GPTQ-family tests: 13 % less CPU, same results).
@@ -45,7 +45,7 @@ DEAREST_FIRST = (
     "test_quantize_memory", "test_mixed_precision", "test_variant_memory", "test_benchmark_quantize", "test_bad_inputs",
     "test_quantize_methods", "test_checkpoint_dtypes", "test_fault_injection", "test_pipeline_e2e", "test_demo",
 )
-SHARED_RUNS = ("demo_run", "demo_rerun")  # session fixtures too dear to compute on two workers
+SHARED_RUNS = ("demo_run", "demo_rerun")  # session fixtures too dear to compute on several workers
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
@@ -106,6 +106,12 @@ def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
         if var not in extra:
             env.pop(var, None)
     return env
+
+
+def compiled(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a subprocess on PyTorch's default path, gptqmodel's compiled dequantizer included (the cold demo
+    run; the memory-release checks, where a compiled kernel's caches could hold a model)."""
+    return {k: v for k, v in env.items() if k != "TORCH_COMPILE_DISABLE"}
 
 
 def model_cache() -> Path:
@@ -280,8 +286,7 @@ class DemoRun:
 
 def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
     """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
-    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
-    env.pop("TORCH_COMPILE_DISABLE", None)  # the demo as users run it: gptqmodel's compiled dequantizer included
+    env = compiled(subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache())))  # the demo as users run it
     out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
     return DemoRun(home, cwd, env, out)

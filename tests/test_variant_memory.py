@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, compiled
 from tests.servers import served_env
 
 RECIPES = [{"method": "rtn", "bits": 4, "group_size": 128}, {"method": "bnb-nf4"},
@@ -52,7 +52,7 @@ def test_rss_after_fourth_variant_within_10_percent_of_first(demo_assets, tmp_pa
     path.write_text(yaml.safe_dump(profile))
     proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(path), "-v"], capture_output=True,
                           text=True,
-                          cwd=REPO, env=served_env(tmp_path / "home"), timeout=1500)
+                          cwd=REPO, env=compiled(served_env(tmp_path / "home")), timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     after = [float(m) for m in re.findall(r"memory: process RSS (\d+) MiB after", out)]
