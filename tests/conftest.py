@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
     # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking. Tests and their
-    # subprocesses run it eagerly; those about what users' runs hold and print keep PyTorch's default (`compiled`).
+    # subprocesses run it eagerly; the cold demo run and the step-release check keep PyTorch's default (`compiled`).
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     # Before torch starts OpenMP: two test workers with two OpenMP threads each share two cores, so idle OpenMP
     # threads sleep instead of spinning (measured 2026-12-02 on the GPTQ-family tests: 13 % less CPU, same results).
@@ -110,7 +110,7 @@ def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
 
 def compiled(env: dict[str, str]) -> dict[str, str]:
     """`env` for a subprocess on PyTorch's default path, gptqmodel's compiled dequantizer included (the cold demo
-    run; the memory-release checks, where a compiled kernel's caches could hold a model)."""
+    run; the step-release check, where a compiled kernel's caches could hold a model)."""
     return {k: v for k, v in env.items() if k != "TORCH_COMPILE_DISABLE"}
 
 
