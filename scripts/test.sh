@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-export HF_HUB_OFFLINE=1 GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2}
+export HF_HUB_OFFLINE=1  # thread settings for torch and GPTQModel: tests/conftest.py
 # Three pytest-xdist workers (QUANTMILL_TEST_WORKERS; 0 runs in one process): on 2 cores a third fills the gaps
 # where the others wait on a subprocess or server (fresh clone 2026-12-02: 11 % less time); conftest.py orders the tests dearest
 # first and keeps tests that share a dear fixture on one worker.

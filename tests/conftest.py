@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Test modules by measured cost, dearest first (2026-12-02, three pytest-xdist workers, models cached: 213 s down to
-# 19 s). Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadgroup --no-loadscope-reorder`) work is handed out in
+# 19 s). Under pytest-xdist (scripts/test.sh: `-n 3 --dist loadgroup --no-loadscope-reorder`) work is handed out in
 # collection order, so the long units start first and the short ones fill the gaps at the end.
 DEAREST_FIRST = (
     "test_quantize_new_methods", "test_mlflow_server_e2e", "test_crash_safety", "test_presets",
