@@ -179,7 +179,8 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     """Under pytest-xdist, build the models the collected tests need before the first test, each worker starting
     with a different one: on a fresh clone the Llama and the Qwen2 train side by side (a worker that reaches a model
     another is training waits for it), instead of one worker waiting idle for the first. Measured 2026-12-02 with
-    passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x."""
+    passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x. Then give the
+    worker's own state folder a Prefect database (`seed_prefect_home`) for the temporary server of its in-process runs."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None or session.config.option.collectonly:
         return
@@ -189,6 +190,9 @@ def pytest_runtestloop(session: pytest.Session) -> None:
         turn = int(worker.removeprefix("gw")) % len(builders)
         for build in builders[turn:] + builders[:turn]:
             build()
+    from tests.servers import seed_prefect_home
+
+    seed_prefect_home(Path(os.environ["PREFECT_HOME"]))
 
 
 def _merged(base: dict, extra: dict) -> dict:
@@ -250,14 +254,24 @@ def warm_store(demo_assets, tmp_path_factory):
     A run on a seeded store still runs every step (Prefect's records are per state folder, so its states are
     those of a first run), but the store hands the merge, calibration and baseline back instead of rebuilding
     them. Tests of those steps themselves, of caching or of a first run's console use an empty store.
+
+    Under pytest-xdist the first worker that needs it computes it and the others copy it (its modules start first,
+    on different workers: computing it on each cost ≈ 20 s of CPU per worker, measured 2026-12-02).
     """
     from quantmill.flows.pipeline import prepare
+    from quantmill.locks import file_lock
     from quantmill.profile_io import parse_profile
 
-    template = tmp_path_factory.mktemp("warm-store")
-    profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
-                                         storage={"root": str(template)}))
-    prepare(profile)  # the quantize flow's shared steps, as tasks in this process
+    base = tmp_path_factory.getbasetemp()
+    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
+    template = session / "warm-store"
+    with file_lock(session / "warm-store.lock"):
+        if not (template / "objects").is_dir():
+            building = Path(tempfile.mkdtemp(prefix="warm-store-", dir=session))
+            profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8,
+                                                 "group_size": 64}], storage={"root": str(building)}))
+            prepare(profile)  # the quantize flow's shared steps, as tasks in this process
+            building.rename(template)
     objects = sorted(p for p in (template / "objects").iterdir() if p.name.rsplit("-", 1)[0] in WARM_STEPS)
     assert [p.name.rsplit("-", 1)[0] for p in objects].count("evaluate") == 1, objects  # the baseline alone
 

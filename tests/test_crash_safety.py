@@ -13,6 +13,7 @@ import mlflow
 import pytest
 
 from tests.conftest import REPO, demo_profile, subprocess_env, write_profile
+from tests.servers import seed_prefect_home
 from tests.test_pipeline_e2e import step_states
 
 NAME = "crash-test"
@@ -79,7 +80,8 @@ def alive(procs: list) -> list:
 
 @pytest.fixture(scope="module")
 def concurrent(tmp_path_factory, demo_assets, warm_store):
-    """Two runs of one profile started at once on one state folder (its store seeded with the shared steps)."""
+    """Two runs of one profile started at once on a new state folder (its store seeded with the shared steps; not
+    its Prefect database: both runs' temporary servers create it)."""
     tmp = tmp_path_factory.mktemp("concurrent")
     profile = crash_profile(tmp, demo_assets)
     home = tmp / "home"
@@ -119,6 +121,7 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
 
     home = tmp_path / "home"
     warm_store(home / "artifacts")
+    seed_prefect_home(home / "prefect")  # a state folder used before (the concurrent runs start in a new one)
     log = tmp_path / "killed.log"
     with open(log, "w") as fh:
         victim = cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
@@ -160,6 +163,7 @@ def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
 
     profile = crash_profile(tmp_path, demo_assets, "sigterm-test")
     log = tmp_path / "run.log"
+    seed_prefect_home(tmp_path / "home" / "prefect")
     with open(log, "w") as fh:
         proc = cli(tmp_path / "home", "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
         deadline = time.time() + 900
