@@ -179,20 +179,23 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     """Under pytest-xdist, build the models the collected tests need before the first test, each worker starting
     with a different one: on a fresh clone the Llama and the Qwen2 train side by side (a worker that reaches a model
     another is training waits for it), instead of one worker waiting idle for the first. Measured 2026-12-02 with
-    passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x. Then give the
-    worker's own state folder a Prefect database (`seed_prefect_home`) for the temporary server of its in-process runs."""
+    passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x. After its first
+    model, the worker gives its own state folder a Prefect database (`seed_prefect_home`) for the temporary server of
+    its in-process runs: on a fresh clone the worker that built the smallest model makes it while the others train."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is None or session.config.option.collectonly:
         return
     names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     builders = [build for name, build in MODEL_FIXTURES.items() if name in names]
-    if builders:
-        turn = int(worker.removeprefix("gw")) % len(builders)
-        for build in builders[turn:] + builders[:turn]:
-            build()
+    turn = int(worker.removeprefix("gw")) % max(len(builders), 1)
+    builders = builders[turn:] + builders[:turn]
+    for build in builders[:1]:
+        build()
     from tests.servers import seed_prefect_home
 
     seed_prefect_home(Path(os.environ["PREFECT_HOME"]))
+    for build in builders[1:]:
+        build()
 
 
 def _merged(base: dict, extra: dict) -> dict:
