@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +246,19 @@ def make_profile(demo_assets):
     return lambda name, recipes, **sections: demo_profile(demo_assets, name, recipes, **sections)
 
 
+def made_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, a folder that `build(folder)` fills, made by the first process that asks (in a temporary folder
+    beside it, renamed into place) while the others wait on a file lock; later calls find it made."""
+    from quantmill.locks import file_lock
+
+    with file_lock(target.with_name(target.name + ".lock")):
+        if not target.is_dir():
+            folder = Path(tempfile.mkdtemp(prefix=target.name + "-", dir=target.parent))
+            build(folder)
+            folder.rename(target)
+    return target
+
+
 WARM_STEPS = ("merge", "calibrate", "eval-data", "evaluate")
 
 
@@ -262,19 +275,15 @@ def warm_store(demo_assets, tmp_path_factory):
     on different workers: computing it on each cost ≈ 20 s of CPU per worker, measured 2026-12-02).
     """
     from quantmill.flows.pipeline import prepare
-    from quantmill.locks import file_lock
     from quantmill.profile_io import parse_profile
 
+    def build(root: Path) -> None:
+        profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8, "group_size": 64}],
+                                             storage={"root": str(root)}))
+        prepare(profile)  # the quantize flow's shared steps, as tasks in this process
+
     base = tmp_path_factory.getbasetemp()
-    session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common folder
-    template = session / "warm-store"
-    with file_lock(session / "warm-store.lock"):
-        if not (template / "objects").is_dir():
-            building = Path(tempfile.mkdtemp(prefix="warm-store-", dir=session))
-            profile = parse_profile(demo_profile(demo_assets, "warm-store", [{"method": "rtn", "bits": 8,
-                                                 "group_size": 64}], storage={"root": str(building)}))
-            prepare(profile)  # the quantize flow's shared steps, as tasks in this process
-            building.rename(template)
+    template = made_once((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "warm-store", build)
     objects = sorted(p for p in (template / "objects").iterdir() if p.name.rsplit("-", 1)[0] in WARM_STEPS)
     assert [p.name.rsplit("-", 1)[0] for p in objects].count("evaluate") == 1, objects  # the baseline alone
 

@@ -111,25 +111,19 @@ def served_env(home: Path, **extra: str) -> dict[str, str]:
 
 def prefect_db() -> Path:
     """A Prefect database as a server leaves it after its first start (migrated, block types registered), made once
-    per Prefect version and kept beside the test models; one process makes it while the others wait."""
+    per Prefect version and kept beside the test models."""
     from importlib.metadata import version
 
-    from quantmill.locks import file_lock
-    from tests.conftest import model_cache
+    from tests.conftest import made_once, model_cache
 
-    target = model_cache() / f"prefect-db-{version('prefect')}" / "prefect.db"
-    with file_lock(target.parent.parent / f"{target.parent.name}.lock"):
-        if not target.exists():
-            root = Path(tempfile.mkdtemp(prefix="quantmill-prefect-db-"))
-            stop(start_prefect_server(root, seed=False)[1])
-            db = root / "server-prefect" / "prefect.db"
-            with contextlib.closing(sqlite3.connect(db)) as con:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what the server wrote, in the one file
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(db, target.with_suffix(".tmp"))
-            os.replace(target.with_suffix(".tmp"), target)
-            shutil.rmtree(root, ignore_errors=True)
-    return target
+    def build(folder: Path) -> None:
+        stop(start_prefect_server(folder, seed=False)[1])
+        db = folder / "server-prefect" / "prefect.db"
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # what the server wrote, in the one file
+        db.rename(folder / "prefect.db")
+
+    return made_once(model_cache() / f"prefect-db-{version('prefect')}", build) / "prefect.db"
 
 
 def seed_prefect_home(prefect_home: Path) -> None:
