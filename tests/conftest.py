@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,14 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(tempfile.mkdtemp(prefix="quantmill-tests-"))
     os.environ["QUANTMILL_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("PREFECT_API_URL", None)
+    # This process's own Prefect client (in-process flows) reports to the `prefect server` its CLI runs share
+    # (tests/servers.py: shared_prefect_api, started before the first test) on a port reserved here: Prefect reads
+    # its settings once, on import. Each test process has its own; subprocess_env drops the URL again, so a CLI run
+    # starts Prefect's temporary server unless a test passes a server (served_env).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
     # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking. Tests and their
@@ -102,7 +110,8 @@ def _mlflow_uris_not_inherited() -> Iterator[None]:
 def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
     """Environment for a quantmill subprocess with its own state folder (nothing inherited from this session)."""
     env = {**os.environ, "QUANTMILL_HOME": str(home), **extra}
-    for var in ("PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for var in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_LOCAL_STORAGE_PATH", "MLFLOW_TRACKING_URI",
+                "MLFLOW_REGISTRY_URI"):
         if var not in extra:
             env.pop(var, None)
     return env
@@ -180,10 +189,15 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     with a different one: on a fresh clone the Llama and the Qwen2 train side by side (a worker that reaches a model
     another is training waits for it), instead of one worker waiting idle for the first. Measured 2026-12-02 with
     passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x. After its first
-    model, the worker gives its own state folder a Prefect database (`seed_prefect_home`) for the temporary server of
-    its in-process runs: on a fresh clone the worker that built the smallest model makes it while the others train."""
+    model, the worker starts its Prefect server (`shared_prefect_api`): on a fresh clone the worker that built the
+    smallest model makes the seed Prefect database (`seed_prefect_home`) while the others train."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None or session.config.option.collectonly:
+    if session.config.option.collectonly or session.config.pluginmanager.has_plugin("dsession"):
+        return  # nothing to run here, or pytest-xdist's controller
+    from tests.servers import shared_prefect_api
+
+    if worker is None:  # one test process
+        shared_prefect_api()
         return
     names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     builders = [build for name, build in MODEL_FIXTURES.items() if name in names]
@@ -191,9 +205,7 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     builders = builders[turn:] + builders[:turn]
     for build in builders[:1]:
         build()
-    from tests.servers import seed_prefect_home
-
-    seed_prefect_home(Path(os.environ["PREFECT_HOME"]))
+    shared_prefect_api()
     for build in builders[1:]:
         build()
 

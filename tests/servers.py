@@ -52,13 +52,14 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def start_prefect_server(root: Path, ui: bool = False, *, seed: bool = True) -> tuple[str, subprocess.Popen]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite database there, seeded by
-    `seed_prefect_home` unless `seed` is false) under `root`; returns its API URL once /api/health answers, and the
-    process (stop it with `stop`)."""
+def start_prefect_server(root: Path, ui: bool = False, *, seed: bool = True,
+                         port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """`prefect server start` on a loopback port (`port`, else a free one) with its own PREFECT_HOME (SQLite database
+    there, seeded by `seed_prefect_home` unless `seed` is false) under `root`; returns its API URL once /api/health
+    answers, and the process (stop it with `stop`)."""
     if seed:
         seed_prefect_home(root / "server-prefect")
-    port = free_port()
+    port = port or free_port()
     log = root / "server.log"
     env = subprocess_env(root / "server-home", PREFECT_HOME=str(root / "server-prefect"),
                          PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED=str(ui).lower(),
@@ -94,12 +95,17 @@ def prefect_server(root: Path, ui: bool = False) -> Iterator[str]:
 
 @functools.cache
 def shared_prefect_api() -> str:
-    """The Prefect server this test process's CLI runs share (started on first use, stopped at exit).
+    """The Prefect server of this test process (conftest: started before the first test, stopped at exit): its own
+    Prefect client's (in-process flows, on the URL pytest_configure reserved) and its CLI runs' (`served_env`).
 
     A `quantmill run` without PREFECT_API_URL starts Prefect's temporary server and migrates a fresh database for
     its state folder (≈ 12 s of CPU); runs that test something else report to this one instead, as a deployment's
-    runs do. Tests of the temporary server itself (first-run console, crash safety) keep it."""
-    api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")))
+    runs do. Tests of the temporary server itself (first-run console, crash safety) keep it. In-process flows did
+    use a temporary server each test process started: two pytest-xdist workers starting theirs at the same moment
+    could end up on one (Prefect picks a random port and takes the first server that answers there; seen
+    2026-12-02, the `gpu` concurrency limit of one worker's test appeared in another's)."""
+    port = int(os.environ["PREFECT_API_URL"].removesuffix("/api").rsplit(":", 1)[1])
+    api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")), port=port)
     atexit.register(stop, proc)
     return api
 
