@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, demo_profile, write_profile
+from tests.conftest import REPO, demo_profile, python_script, write_profile
 from tests.servers import served_env
 
 METHODS = ("rtn", "gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
@@ -146,7 +146,7 @@ def served(tmp_path_factory, demo_assets, warm_store):
 @pytest.fixture(scope="module")
 def consumed(served):
     """What plain MLflow in a fresh process gets from every method's candidate version."""
-    out = subprocess.run([sys.executable, "-c", FLAVORS, NAME, ",".join(METHODS)], cwd=served["root"],
+    out = subprocess.run(python_script(FLAVORS, NAME, ",".join(METHODS)), cwd=served["root"],
                          env=consumer_env(served["root"], served["uri"]), capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.split("RESULT:")[1].splitlines()[0])
@@ -173,7 +173,7 @@ def test_every_method_loads_with_plain_mlflow(consumed, method):
 def test_consumer_loads_champion_from_real_server(served):
     root, uri, client = served["root"], served["uri"], served["client"]
     assert not (root / "home" / "mlflow.db").exists()  # everything went to the server
-    consumer = subprocess.run([sys.executable, "-c", CONSUMER.format(name=NAME), str(root / "pulled")],
+    consumer = subprocess.run(python_script(CONSUMER.format(name=NAME), str(root / "pulled")),
                               env=consumer_env(root, uri), capture_output=True, text=True, timeout=600, cwd=root)
     assert consumer.returncode == 0, consumer.stderr[-4000:]
     result = json.loads(consumer.stdout.split("RESULT:")[1].splitlines()[0])

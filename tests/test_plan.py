@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from quantmill.machine import Machine
 from quantmill.plan import plan_profile
 from quantmill.profile_io import load_profile
 from quantmill.weights import config_weights, folder_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, python_script
 
 # One fresh process measures each step in turn: the step's peak is VmHWM (reset just before) minus the RSS before.
 CHILD = r"""
@@ -64,7 +63,7 @@ def prefect_ready():
 def measure_steps(jobs: dict) -> dict[str, int]:
     """Run CHILD in a fresh interpreter (fixed malloc mmap threshold, so freed tensors leave RSS)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], capture_output=True, text=True,
+    proc = subprocess.run(python_script(CHILD, json.dumps(jobs)), capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,6 +24,7 @@ from quantmill.quantize.gptq_format import (
     unpack_int32,
 )
 from quantmill.quantize.rtn import rtn_quantize_model
+from tests.conftest import python_script
 
 SEQ = 128
 CALIB_SAMPLES = 16
@@ -281,7 +282,7 @@ def reload_in_fresh_process(dirs: list[Path], probe: torch.Tensor, tmp: Path) ->
     """Load each checkpoint with transformers in a new process: (tokens generated, {linear: class}, probe logits)."""
     torch.save(probe, tmp / "probe.pt")
     args = json.dumps({"dirs": [str(d) for d in dirs], "tmp": str(tmp)})
-    proc = subprocess.run([sys.executable, "-c", RELOAD, args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(python_script(RELOAD, args), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.split("RESULT", 1)[1])
     return [(n, types, torch.load(tmp / f"logits{i}.pt")) for i, (n, types) in enumerate(info)]

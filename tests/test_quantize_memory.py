@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, python_script
 
 MiB = 2**20
 DEEP = 7  # decoder layers of the deeper model
@@ -60,7 +59,7 @@ def make_model(folder: Path, layers: int, tokenizer_from: Path) -> int:
 
 def start_probe(method: str, model: Path, calib: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", PROBE, str(REPO), method, str(model), str(calib), str(out)],
+    return subprocess.Popen(python_script(PROBE, str(REPO), method, str(model), str(calib), str(out)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
 from quantmill.quantize import bnb, dynamic_int8, fp8
 from quantmill.quantize.common import audit_quantized
+from tests.conftest import python_script
 
 METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 STEPS = {**dict.fromkeys(METHODS[:3], (bnb.quantize_bnb, bnb.save_bnb)), "fp8": (fp8.quantize_fp8, fp8.save_fp8),
@@ -147,7 +147,7 @@ def reloaded(quantized, tied_fp8, eval_windows, tmp_path_factory) -> dict[str, d
     specs = [f"{q.out_dir}::{tmp / 'ids.pt'}" for q in quantized.values()] + [f"{tied_fp8.out_dir}::{tmp}/tiny_ids.pt"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(tmp / "out.pt"), *specs],
+    proc = subprocess.run(python_script(RELOAD_SCRIPT, str(tmp / "out.pt"), *specs),
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"\nfresh-process reload of {len(specs)} checkpoints: {time.perf_counter() - start:.1f}s")

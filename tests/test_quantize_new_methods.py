@@ -23,6 +23,7 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
 from quantmill.modelinfo import model_info
 from quantmill.quantize import gguf_export, w8a8
+from tests.conftest import python_script
 from tests.test_quantize_gptq_family import (
     load_reference,
     max_logit_error,
@@ -198,7 +199,7 @@ def fresh_process(base: Path, models: list[tuple[Path, str | None]], windows: to
     """Load each checkpoint with transformers in a new process: ppl, KL to the fp model, logits on 2 windows, tokens."""
     torch.save(windows, tmp / "windows.pt")
     args = json.dumps({"base": str(base), "models": [[str(d), g] for d, g in models], "tmp": str(tmp), "text": text})
-    proc = subprocess.run([sys.executable, "-c", FRESH, args], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(python_script(FRESH, args), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.split("RESULT", 1)[1])
     return {Path(d).name: found[str(d)] | {"logits": torch.load(tmp / f"logits{i}.pt")}
@@ -214,10 +215,19 @@ def w8a8_runs(assets, data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def w8a8_loaded(assets, data, w8a8_runs, tmp_path_factory):
-    """The W8A8 checkpoints reloaded in one fresh process (transformers + compressed-tensors)."""
-    models = [(d, None) for d, _, _ in w8a8_runs.values()]
-    return fresh_process(assets.model_dir, models, data.windows, "", tmp_path_factory.mktemp("w8a8-fresh"))
+def reloaded(assets, data, w8a8_runs, gguf_runs, tmp_path_factory):
+    """The fp model, the W8A8 checkpoints (transformers + compressed-tensors) and the GGUF exports (transformers'
+    GGUF loader) loaded in one fresh process: {folder name: what `fresh_process` found}."""
+    models = [(assets.model_dir, None), *((d, None) for d, _, _ in w8a8_runs.values()),
+              *((d, "model.gguf") for d, _, _ in gguf_runs.values())]
+    text = Path(assets.eval_path).read_text()[:3000]
+    return fresh_process(assets.model_dir, models, data.windows, text, tmp_path_factory.mktemp("fresh"))
+
+
+@pytest.fixture(scope="module")
+def w8a8_loaded(reloaded):
+    """The W8A8 checkpoints as reloaded: {setting: what `fresh_process` found}."""
+    return {key: reloaded[key] for key in W8A8}
 
 
 @pytest.mark.slow
@@ -325,18 +335,16 @@ def gguf_runs(assets, data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_gguf_loads_in_transformers_and_matches_gguf_quants(assets, data, gguf_runs, tmp_path):
+def test_gguf_loads_in_transformers_and_matches_gguf_quants(assets, data, gguf_runs, reloaded):
     from transformers import AutoTokenizer
 
     from quantmill.scoring import load_model
 
     text = Path(assets.eval_path).read_text()[:3000]
-    models = [(assets.model_dir, None)] + [(d, "model.gguf") for d, _, _ in gguf_runs.values()]
-    loaded = fresh_process(assets.model_dir, models, data.windows, text, tmp_path)
     original = AutoTokenizer.from_pretrained(assets.model_dir)(text, add_special_tokens=False)["input_ids"]
-    fp_ppl = loaded[assets.model_dir.name]["ppl"]  # the baseline, scored the same way
+    fp_ppl = reloaded[assets.model_dir.name]["ppl"]  # the baseline, scored the same way
     for qt, (ckpt, result, seconds) in gguf_runs.items():
-        got = loaded[qt]
+        got = reloaded[qt]
         ref = load_reference_fp(assets)
         with torch.no_grad():
             for _, p in ref.named_parameters():

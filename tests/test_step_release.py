@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import compiled, subprocess_env
+from tests.conftest import compiled, python_script, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +45,7 @@ def test_gptq_checkpoint_loaded_for_evaluation_is_freed_after_the_step(bf16_mode
     get_method("rtn").handler(build_config("rtn", {"bits": 4, "group_size": 32}),
                               QuantizeJob(bf16_model, ckpt, None, "cpu", lambda _m: None))
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
-    proc = subprocess.run([sys.executable, "-c", RELEASE, str(ckpt)], capture_output=True, text=True, cwd=REPO,
+    proc = subprocess.run(python_script(RELEASE, str(ckpt)), capture_output=True, text=True, cwd=REPO,
                           env=compiled(subprocess_env(tmp_path / "home")), timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "gptqmodel imported: True model alive: False" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
