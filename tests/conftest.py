@@ -85,7 +85,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Stop Prefect's temporary server while the output is still open (its atexit hook logs to a closed stream)."""
+    """Stop a temporary Prefect server this process started (none unless a test unset PREFECT_API_URL) while the output
+    is still open (its atexit hook logs to a closed stream); send the logs and events still queued."""
     import sys
 
     server_mod = sys.modules.get("prefect.server.api.server")

@@ -1,5 +1,5 @@
-"""Prefect servers for tests: one started per test (`prefect_server`), one shared by a test process's CLI runs, and
-the database a server leaves after its first start (`seed_prefect_home`)."""
+"""Prefect servers for tests: one started per test (`prefect_server`), one per test process shared by its own flows
+and its CLI runs (`shared_prefect_api`), and the database a server leaves after its first start (`seed_prefect_home`)."""
 
 from __future__ import annotations
 
