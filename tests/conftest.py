@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config: pytest.Config) -> None:
     """Point quantmill, Prefect and MLflow at a throw-away state folder before anything imports them."""
     home = Path(tempfile.mkdtemp(prefix="quantmill-tests-"))
+    config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))  # each test process's own, gone at its end
     os.environ["QUANTMILL_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     # This process's own Prefect client (in-process flows) reports to the `prefect server` its CLI runs share

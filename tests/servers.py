@@ -105,7 +105,9 @@ def shared_prefect_api() -> str:
     could end up on one (Prefect picks a random port and takes the first server that answers there; seen
     2026-12-02, the `gpu` concurrency limit of one worker's test appeared in another's)."""
     port = int(os.environ["PREFECT_API_URL"].removesuffix("/api").rsplit(":", 1)[1])
-    api, proc = start_prefect_server(Path(tempfile.mkdtemp(prefix="quantmill-prefect-")), port=port)
+    root = Path(tempfile.mkdtemp(prefix="quantmill-prefect-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # at exit, after the server stops (atexit runs LIFO)
+    api, proc = start_prefect_server(root, port=port)
     atexit.register(stop, proc)
     return api
 
