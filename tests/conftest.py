@@ -17,6 +17,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A loopback TCP port free at the moment of asking (for the test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Point quantmill, Prefect and MLflow at a throw-away state folder before anything imports them."""
     home = Path(tempfile.mkdtemp(prefix="quantmill-tests-"))
@@ -27,9 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # (tests/servers.py: shared_prefect_api, started before the first test) on a port reserved here: Prefect reads
     # its settings once, on import. Each test process has its own; subprocess_env drops the URL again, so a CLI run
     # starts Prefect's temporary server unless a test passes a server (served_env).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:

@@ -9,7 +9,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,15 +20,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import subprocess_env
+from tests.conftest import free_port, subprocess_env
 
 PREFECT = [sys.executable, "-m", "prefect"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, n: int = 4000) -> str:

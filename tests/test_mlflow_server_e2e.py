@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, demo_profile, python_script, write_profile
+from tests.conftest import REPO, demo_profile, free_port, python_script, write_profile
 from tests.servers import served_env
 
 METHODS = ("rtn", "gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
@@ -59,12 +58,6 @@ out = model.generate(**ids, max_new_tokens=12, do_sample=False)
 print("RESULT:" + json.dumps({{"completion": tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True),
                               "class": type(model).__name__}}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:

@@ -23,12 +23,12 @@ from tests.conftest import REPO, python_script
 MiB = 2**20
 DEEP = 7  # decoder layers of the deeper model
 PROBE = textwrap.dedent("""
-    import importlib, json, sys
+    import json, sys
     sys.path.insert(0, sys.argv[1])
     method, model, calib, out = sys.argv[2:6]
-    import torch, transformers  # noqa: F401 - imported before the baseline
+    import torch, transformers  # imported before the baseline
     if method != "rtn":  # RTN never imports GPTQModel (≈ 7 s of CPU); only growths between two depths are compared
-        importlib.import_module("gptqmodel")
+        import gptqmodel
     from pathlib import Path
     from quantmill.methods.registry import QuantizeJob, build_config, get_method
 

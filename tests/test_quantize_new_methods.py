@@ -214,13 +214,18 @@ def w8a8_runs(assets, data, tmp_path_factory):
     return {k: (root / k, *run("w8a8-int8", p, assets, data, root / k)) for k, p in W8A8.items()}
 
 
+def reload_text(assets) -> str:
+    """The text the fresh process tokenizes with each reloaded model's tokenizer (the GGUF round trip)."""
+    return Path(assets.eval_path).read_text()[:3000]
+
+
 @pytest.fixture(scope="module")
 def reloaded(assets, data, w8a8_runs, gguf_runs, tmp_path_factory):
     """The fp model, the W8A8 checkpoints (transformers + compressed-tensors) and the GGUF exports (transformers'
     GGUF loader) loaded in one fresh process: {folder name: what `fresh_process` found}."""
     models = [(assets.model_dir, None), *((d, None) for d, _, _ in w8a8_runs.values()),
               *((d, "model.gguf") for d, _, _ in gguf_runs.values())]
-    text = Path(assets.eval_path).read_text()[:3000]
+    text = reload_text(assets)
     return fresh_process(assets.model_dir, models, data.windows, text, tmp_path_factory.mktemp("fresh"))
 
 
@@ -340,7 +345,7 @@ def test_gguf_loads_in_transformers_and_matches_gguf_quants(assets, data, gguf_r
 
     from quantmill.scoring import load_model
 
-    text = Path(assets.eval_path).read_text()[:3000]
+    text = reload_text(assets)
     original = AutoTokenizer.from_pretrained(assets.model_dir)(text, add_special_tokens=False)["input_ids"]
     fp_ppl = reloaded[assets.model_dir.name]["ppl"]  # the baseline, scored the same way
     for qt, (ckpt, result, seconds) in gguf_runs.items():
