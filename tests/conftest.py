@@ -62,11 +62,17 @@ DEAREST_FIRST = (
 SHARED_RUNS = ("demo_run", "demo_rerun")  # session fixtures too dear to compute on several workers
 
 
+def _per_param(name: str, params: dict, defs: dict) -> bool:
+    """Whether fixture `name` is computed once per value of `params` (it is one of them or depends on one)."""
+    return name in params or any(_per_param(a, params, defs) for d in defs.get(name, ()) for a in d.argnames)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the tests dearest module first (then the other modules with slow tests, then the rest), keeping each
-    module's tests together; and keep the tests that share a dear fixture on one pytest-xdist worker (`xdist_group`): a module's
-    own module-scoped fixtures, or the one cold `quantmill demo` run."""
+    module's tests together; and keep the tests that share a dear fixture on one pytest-xdist worker (`xdist_group`):
+    a module's own module- or session-scoped fixtures (one group per value of their parameters: `assets` llama and
+    qwen2 run side by side), or the one cold `quantmill demo` run."""
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
 
@@ -85,9 +91,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if any(name in fixtures.names_closure for name in SHARED_RUNS):
             item.add_marker(pytest.mark.xdist_group("demo-run"))
             continue
-        defs = fixtures.name2fixturedefs
-        if any(d.scope == "module" and d.baseid == item.nodeid.split("::")[0] for ds in defs.values() for d in ds):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        path, defs = item.nodeid.split("::")[0], fixtures.name2fixturedefs
+        local = {d.argname for ds in defs.values() for d in ds if d.baseid == path and d.scope in ("module", "session")}
+        if local:  # (a session fixture of the module's own computed on two workers was computed twice)
+            callspec = getattr(item, "callspec", None)
+            params = {k: v for k, v in (callspec.params.items() if callspec else ()) if k in local}
+
+            split = params and all(_per_param(name, params, defs) for name in local)
+            values = ",".join(f"{k}={v}" for k, v in sorted(params.items())) if split else ""
+            item.add_marker(pytest.mark.xdist_group(path + (f"[{values}]" if values else "")))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -200,29 +212,23 @@ MODEL_FIXTURES = {"demo_assets": demo_llama, "qwen2_assets": demo_qwen2, "tiny_a
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
-    """Under pytest-xdist, build the models the collected tests need before the first test, each worker starting
-    with a different one: on a fresh clone the Llama and the Qwen2 train side by side (a worker that reaches a model
-    another is training waits for it), instead of one worker waiting idle for the first. Measured 2026-12-02 with
-    passive OpenMP waits (pytest_configure): two trainings side by side take 1.2x one alone, not 2x. After its first
-    model, the worker starts its Prefect server (`shared_prefect_api`): on a fresh clone the worker that built the
-    smallest model makes the seed Prefect database (`seed_prefect_home`) while the others train."""
+    """Under pytest-xdist, each worker builds a different one of the models the collected tests need before its first
+    test, then starts its Prefect server (`shared_prefect_api`): on a fresh clone the Llama and the Qwen2 train side
+    by side while the third worker, its small model built, makes the seed Prefect database (`seed_prefect_home`).
+    The other models are built, or waited for, when a test first asks for one: a worker whose first tests need no
+    Llama runs them while the Llama (the longest training, 128 s on two threads that it keeps only ~60 % busy; measured
+    2026-12-02) trains, instead of waiting for every model first."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if session.config.option.collectonly or session.config.pluginmanager.has_plugin("dsession"):
         return  # nothing to run here, or pytest-xdist's controller
     from tests.servers import shared_prefect_api
 
-    if worker is None:  # one test process
-        shared_prefect_api()
-        return
-    names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    builders = [build for name, build in MODEL_FIXTURES.items() if name in names]
-    turn = int(worker.removeprefix("gw")) % max(len(builders), 1)
-    builders = builders[turn:] + builders[:turn]
-    for build in builders[:1]:
-        build()
+    if worker is not None:
+        names = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+        builders = [build for name, build in MODEL_FIXTURES.items() if name in names]
+        if builders:
+            builders[int(worker.removeprefix("gw")) % len(builders)]()
     shared_prefect_api()
-    for build in builders[1:]:
-        build()
 
 
 def _merged(base: dict, extra: dict) -> dict:
