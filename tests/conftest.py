@@ -99,7 +99,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
             split = params and all(_per_param(name, params, defs) for name in local)
             values = ",".join(f"{k}={v}" for k, v in sorted(params.items())) if split else ""
-            item.add_marker(pytest.mark.xdist_group(path + (f"[{values}]" if values else "")))
+            # (no "]" in a group's name: pytest-xdist would read "...[x]@name[y]" as a test id without a group)
+            item.add_marker(pytest.mark.xdist_group(path + (f":{values}" if values else "")))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
