@@ -11,8 +11,10 @@ evaluation on the same held-out windows for every row.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,7 +93,8 @@ def main() -> int:
     if args.child:
         child(args.child[0], *map(Path, args.child[1:]))
         return 0
-    home = Path(tempfile.mkdtemp(prefix="quantmill-bench-"))
+    home = Path(tempfile.mkdtemp(prefix="quantmill-bench-"))  # state, store and checkpoints: removed at exit
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     os.environ["QUANTMILL_HOME"] = str(home)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from quantmill import state

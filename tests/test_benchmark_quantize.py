@@ -13,8 +13,8 @@ from tests.conftest import REPO, model_cache
 
 
 @pytest.mark.slow
-def test_quantize_benchmark_prints_reference_and_method_rows(demo_assets):
-    env = {**os.environ, "QUANTMILL_TEST_MODELS": str(model_cache())}
+def test_quantize_benchmark_prints_reference_and_method_rows(demo_assets, tmp_path):
+    env = {**os.environ, "QUANTMILL_TEST_MODELS": str(model_cache()), "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "benchmarks/quantize.py", "--methods", "rtn", "--max-tokens", "512",
                            "--calib-samples", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -28,3 +28,4 @@ def test_quantize_benchmark_prints_reference_and_method_rows(demo_assets):
     # 4-bit weights: the checkpoint is a fraction of the fp32 one; perplexity close to (and measured like) the fp one
     assert compression > 2.5 and 0 < ppl and abs(delta - 100 * (ppl / ref[5] - 1)) < 0.05 and abs(delta) < 10
     assert 0 < seconds < 300 and peak > 0
+    assert list(tmp_path.glob("quantmill-bench-*")) == []  # its state folder (store, checkpoints) is gone
