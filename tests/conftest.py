@@ -93,10 +93,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         path, defs = item.nodeid.split("::")[0], fixtures.name2fixturedefs
         local = {d.argname for ds in defs.values() for d in ds if d.baseid == path and d.scope in ("module", "session")}
-        if local:  # (a session fixture of the module's own computed on two workers was computed twice)
+        if local:  # (the GPTQ-family module's session fixtures were computed on two workers each)
             callspec = getattr(item, "callspec", None)
             params = {k: v for k, v in (callspec.params.items() if callspec else ()) if k in local}
-
             split = params and all(_per_param(name, params, defs) for name in local)
             values = ",".join(f"{k}={v}" for k, v in sorted(params.items())) if split else ""
             # (no "]" in a group's name: pytest-xdist would read "...[x]@name[y]" as a test id without a group)
@@ -217,8 +216,8 @@ def pytest_runtestloop(session: pytest.Session) -> None:
     test, then starts its Prefect server (`shared_prefect_api`): on a fresh clone the Llama and the Qwen2 train side
     by side while the third worker, its small model built, makes the seed Prefect database (`seed_prefect_home`).
     The other models are built, or waited for, when a test first asks for one: a worker whose first tests need no
-    Llama runs them while the Llama (the longest training, 128 s on two threads that it keeps only ~60 % busy; measured
-    2026-12-02) trains, instead of waiting for every model first."""
+    Llama runs them while the Llama trains (the longest training: 128 s, and alone it keeps only about 1.25 of the two
+    cores busy; measured 2026-12-02), instead of waiting for every model first."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if session.config.option.collectonly or session.config.pluginmanager.has_plugin("dsession"):
         return  # nothing to run here, or pytest-xdist's controller
