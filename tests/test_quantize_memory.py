@@ -58,7 +58,8 @@ def make_model(folder: Path, layers: int, tokenizer_from: Path) -> int:
 
 
 def start_probe(method: str, model: Path, calib: Path, out: Path) -> subprocess.Popen:
-    scratch = out.parent / f"tmp-{out.name}"  # GPTQModel's offload folder (system temp otherwise, never removed)
+    # GPTQModel's offload folder: its finalizer removes it, which the probe's quick exit (python_script) skips
+    scratch = out.parent / f"tmp-{out.name}"
     scratch.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTMILL_HOME": str(out.parent / "home"), "TMPDIR": str(scratch)}
     return subprocess.Popen(python_script(PROBE, str(REPO), method, str(model), str(calib), str(out)),
