@@ -38,8 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
-    # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking. Tests and their
-    # subprocesses run it eagerly; the cold demo run and the step-release check keep PyTorch's default (`compiled`).
+    # ~17 s in every process that loads one (measured 2026-12-02), for identical integer unpacking; in the demo (+ GPTQ)
+    # run, its guards recompile it for each module of the RTN variant (evaluation 34 s instead of 6 s, 108 s of the
+    # run's CPU instead of 71 s, the same figures). Tests and their subprocesses run it eagerly; the step-release
+    # check keeps PyTorch's default (`compiled`).
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     # Before torch starts OpenMP: two test workers with two OpenMP threads each share two cores, so idle OpenMP
     # threads sleep instead of spinning (measured 2026-12-02 on the GPTQ-family tests: 13 % less CPU, same results).
@@ -145,8 +147,8 @@ def subprocess_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def compiled(env: dict[str, str]) -> dict[str, str]:
-    """`env` for a subprocess on PyTorch's default path, gptqmodel's compiled dequantizer included (the cold demo
-    run; the step-release check, where a compiled kernel's caches could hold a model)."""
+    """`env` for a subprocess on PyTorch's default path, gptqmodel's compiled dequantizer included (the step-release
+    check, where a compiled kernel's caches could hold a model)."""
     return {k: v for k, v in env.items() if k != "TORCH_COMPILE_DISABLE"}
 
 
@@ -345,7 +347,8 @@ class DemoRun:
 
 def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
     """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
-    env = compiled(subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache())))  # the demo as users run it
+    # the demo as users run it, but for torch.compile (pytest_configure: what it costs; where it is tested)
+    env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
     out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
     return DemoRun(home, cwd, env, out)

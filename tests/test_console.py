@@ -33,6 +33,7 @@ def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
             print("python print")
             warnings.warn("a FutureWarning from a library", FutureWarning)
             logging.getLogger("torchao").warning("Failed to load libfoo.so")
+            logging.getLogger("torch._dynamo").warning("torch._dynamo hit config.recompile_limit (8)")
             logging.getLogger("quantmill.store").warning("artifact x is damaged; recomputing")
             say("ours: step done")
         print("LOG", log)
@@ -46,7 +47,8 @@ def test_run_console_routes_fds_and_keeps_our_lines(tmp_path):
     log = Path(lines[-1].removeprefix("LOG "))
     assert log.parent == home / "logs" and out.stderr == ""
     text = log.read_text()
-    for piece in ("c-level stdout", "c-level stderr", "python print", "a FutureWarning from a library"):
+    for piece in ("c-level stdout", "c-level stderr", "python print", "a FutureWarning from a library",
+                  "Failed to load libfoo.so", "recompile_limit"):
         assert piece in text, text
 
 
