@@ -30,9 +30,11 @@ def test_parse_age():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, demo_assets):
-    """A state folder, a profile (one variant fails its gate, so it is never registered) and its first run."""
+def setup(tmp_path_factory, demo_assets, warm_store):
+    """A state folder, a profile (one variant fails its gate, so it is never registered) and its first run (its store
+    seeded with the shared steps, which it lists, prunes and refreshes like any it computed)."""
     home, cwd = tmp_path_factory.mktemp("cache-home"), tmp_path_factory.mktemp("cache-cwd")
+    warm_store(home / "artifacts")
     profile = demo_profile(
         demo_assets, "cache-test",
         [{"method": "rtn", "bits": 8, "group_size": 64}, {"method": "gptq", "bits": 4, "group_size": 64},
