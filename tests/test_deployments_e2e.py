@@ -23,11 +23,15 @@ from tests.servers import PREFECT, prefect_server, stop, tail
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-@pytest.fixture()
-def prefect_api(tmp_path):
-    """A Prefect server without its UI."""
-    with prefect_server(tmp_path) as api:
-        yield api
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A Prefect server with its UI, set up once as in the README (the work pool, `prefect deploy --all`) and shared
+    by this module's tests: the REST API and the browser read the same deployments. Yields the API URL and the
+    state folder `prefect deploy` ran with."""
+    root = tmp_path_factory.mktemp("deployed")
+    with prefect_server(root, ui=True) as api:
+        deploy_all(root, api, root / "deployer-home")
+        yield api, root / "deployer-home"
 
 
 def cli(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -88,13 +92,12 @@ def undescribed(schema: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, prefect_api):
+def test_deploy_and_trigger_quantize_through_the_api(tmp_path, demo_assets, deployed):
     from quantmill.methods import known_methods
 
-    deployer_home = tmp_path / "deployer-home"  # QUANTMILL_HOME where `prefect deploy` runs
+    prefect_api, deployer_home = deployed  # deployer_home: QUANTMILL_HOME where `prefect deploy` ran
     home = tmp_path / "worker-home"  # QUANTMILL_HOME of the worker and of the flow runs it starts
     db = home / "mlflow.db"
-    deploy_all(tmp_path, prefect_api, deployer_home)
     env = subprocess_env(
         home, PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp_path / "worker-prefect"),
         PREFECT_LOCAL_STORAGE_PATH=str(home / "prefect" / "results"), MLFLOW_TRACKING_URI=f"sqlite:///{db}",
@@ -212,22 +215,21 @@ def chromium(browser: str, url: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_custom_run_form_in_headless_chromium(tmp_path):
+def test_custom_run_form_in_headless_chromium(tmp_path, deployed):
     """The Custom run page of a real server (default UI): the method control and the chosen method's fields."""
     from quantmill.methods import known_methods
 
     browser = find_chromium()
     if browser is None:
         pytest.skip("no Chromium found: install Debian's `chromium` (apt-get install -y chromium; .ci/run does)")
-    with prefect_server(tmp_path, ui=True) as api:
-        deploy_all(tmp_path, api, tmp_path / "deployer-home")
-        deployment = requests.get(f"{api}/deployments/name/quantize/quantize", timeout=30).json()
-        # The page with one recipe added to the form (what "Add item" under Recipes does): the form's default.
-        added = quote(json.dumps({"profile": {"recipes": [{}]}}))
-        url = f"{api.removesuffix('/api')}/v2/deployments/deployment/{deployment['id']}/run?parameters={added}"
-        shot = tmp_path / "custom-run.png"
-        assert chromium(browser, url, f"--screenshot={shot}").returncode == 0 and shot.stat().st_size > 0
-        dom = chromium(browser, url, "--dump-dom").stdout
+    api = deployed[0]
+    deployment = requests.get(f"{api}/deployments/name/quantize/quantize", timeout=30).json()
+    # The page with one recipe added to the form (what "Add item" under Recipes does): the form's default.
+    added = quote(json.dumps({"profile": {"recipes": [{}]}}))
+    url = f"{api.removesuffix('/api')}/v2/deployments/deployment/{deployment['id']}/run?parameters={added}"
+    shot = tmp_path / "custom-run.png"
+    assert chromium(browser, url, f"--screenshot={shot}").returncode == 0 and shot.stat().st_size > 0
+    dom = chromium(browser, url, "--dump-dom").stdout
     tabs = re.findall(r'role="tab" aria-selected="(true|false)"[^>]*>([^<]*)</button>', dom)
     methods = [(selected, label) for selected, label in tabs if label in known_methods()]
     # The method control offers every registered method; the form's default (the first) is selected.
