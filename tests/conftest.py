@@ -357,7 +357,7 @@ class DemoRun:
 
 def demo_cli(home: Path, cwd: Path, *args: str) -> DemoRun:
     """`quantmill demo ARGS` in a fresh process (the demo model from the test model cache)."""
-    # the demo as users run it, but for torch.compile (pytest_configure: what it costs; where it is tested)
+    # the demo as users run it, but with GPTQModel's dequantizer eager (pytest_configure: what its compile costs)
     env = subprocess_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
     out = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "demo", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=1500)
