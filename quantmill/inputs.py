@@ -11,9 +11,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from quantmill import state
+from quantmill import memo, state
 from quantmill.errors import PreflightError, QuantmillError
+from quantmill.hashing import sha256_file
 from quantmill.integrity import check_folder_safetensors, tokenizer_problem
+from quantmill.models import TOKENIZER_FILES
 from quantmill.profile import Profile
 from quantmill.store import is_url
 
@@ -84,10 +86,6 @@ def check_writable(path: Path, field: str) -> None:
 def check_texts(profile: Profile) -> None:
     """Calibration and evaluation texts long enough for the profile, counted with the model's tokenizer alone
     (prepared as the calibrate and eval-data steps prepare them, so they fail here with the same line)."""
-    from transformers import AutoTokenizer
-
-    from quantmill.textdata import draw_samples, draw_windows, token_stream
-
     model_dir, cal, ev = Path(profile.model.path), profile.calibration, profile.evaluation
     ctx = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     if ctx and cal.seq_len > ctx:
@@ -96,6 +94,18 @@ def check_texts(profile: Profile) -> None:
         raise QuantmillError(f"evaluation.window: {ev.window} exceeds the model's context of {ctx}; lower it")
     if ev.source.path is None and cal.source.path is None:
         return  # hub datasets: read by their steps (network), not twice
+    from quantmill.caching import fingerprint
+
+    key = memo.memo_key("texts", calibration=fingerprint(cal), evaluation=fingerprint(ev),  # sources by content
+                        tokenizer={name: sha256_file(model_dir / name) for name in TOKENIZER_FILES
+                                   if (model_dir / name).is_file()},
+                        libraries=memo.versions("transformers", "tokenizers"))
+    if memo.recall("texts", key):
+        return  # these texts passed with this tokenizer before (quantmill.memo): no tokenizer to load
+    from transformers import AutoTokenizer
+
+    from quantmill.textdata import draw_samples, draw_windows, token_stream
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if ev.source.path is not None:
         if token_stream(ev.source, "evaluation.source", tokenizer, ev.max_tokens).numel() < 2:
@@ -106,6 +116,7 @@ def check_texts(profile: Profile) -> None:
         else:
             draw_windows(token_stream(cal.source, "calibration.source", tokenizer), cal.num_samples, cal.seq_len,
                          cal.seed)
+    memo.remember("texts", key, True)
 
 
 def run_disk_needed(profile: Profile) -> int:

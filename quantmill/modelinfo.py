@@ -1,18 +1,29 @@
-"""What validation and the planners read about a model without its weights: its linears on the meta device."""
+"""What validation and the planners read about a model without its weights: its linears on the meta device.
+
+`model_info` answers from the state folder when the same config.json was read before with the same libraries
+(quantmill.memo): a preflight of an unchanged model imports neither torch's nor transformers' modeling code."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
+from quantmill import memo
+from quantmill.hashing import sha256_file
 from quantmill.methods.base import DEFAULT_KEEP
 from quantmill.methods.registry import ModelInfo
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MODEL_INFO_VERSION = 1  # bump when what model_info reads or returns changes (its kept answers then no longer match)
 
 
 def target_linears(model: nn.Module, keep: tuple[str, ...] = DEFAULT_KEEP) -> dict[str, nn.Linear]:
     """The nn.Linear modules a weight quantizer targets (everything but `keep`)."""
+    from torch import nn
+
     return {
         name: mod
         for name, mod in model.named_modules()
@@ -22,6 +33,7 @@ def target_linears(model: nn.Module, keep: tuple[str, ...] = DEFAULT_KEEP) -> di
 
 def meta_model(model_dir: Path) -> nn.Module:
     """The causal LM built from config.json alone on the meta device (module tree and shapes, no weights)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -29,8 +41,7 @@ def meta_model(model_dir: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def model_info(model_dir: Path) -> ModelInfo:
-    """Architecture and linear in_features, from config.json alone (meta device, no weights)."""
+def _read_model_info(model_dir: Path) -> ModelInfo:
     model = meta_model(model_dir)
     config = model.config
     targets = target_linears(model)
@@ -43,3 +54,16 @@ def model_info(model_dir: Path) -> ModelInfo:
         linear_out_features={n: m.out_features for n, m in targets.items()},
         other_tensors={n: t.numel() for n, t in tensors.items() if n.removesuffix(".weight") not in targets},
     )
+
+
+def model_info(model_dir: Path) -> ModelInfo:
+    """Architecture and linear in_features, from config.json alone (meta device, no weights); kept per config content
+    and library versions (quantmill.memo)."""
+    key = memo.memo_key("model-info", version=MODEL_INFO_VERSION, config=sha256_file(Path(model_dir) / "config.json"),
+                        keep=DEFAULT_KEEP, libraries=memo.versions("transformers", "torch"))
+    kept = memo.recall("model-info", key)
+    if kept is not None:
+        return ModelInfo(**kept)
+    info = _read_model_info(Path(model_dir))
+    memo.remember("model-info", key, asdict(info))
+    return info

@@ -16,6 +16,8 @@ from quantmill.presets import available, resolve
 from quantmill.recipes import Recipe
 from tests.servers import served_env
 
+pytestmark = pytest.mark.usefixtures("prefect_ready")  # `main` with capsys: Prefect's log handlers outside it
+
 NAMES = ["cpu-int8", "gpu-8bit", "gpu-4bit", "gptq-4bit", "awq-4bit", "sweep-small"]
 CANONICAL = {"cpu-int8": "dynamic-int8", "gpu-8bit": "bnb-int8", "gpu-4bit": "bnb-nf4", "gptq-4bit": "gptq",
              "awq-4bit": "awq"}
