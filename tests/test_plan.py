@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 from quantmill.methods import QuantizeJob, get_method
 from quantmill.merging import merge_lora
-from quantmill.modelinfo import model_info
+from quantmill.modelinfo import meta_model
 from quantmill.profile import Merge
 from quantmill.recipes import Recipe
 
@@ -39,7 +39,7 @@ def measure(fn):
 
 jobs, out = json.loads(sys.argv[1]), {}
 warm = jobs.pop("warm")  # first use of torch kernels, thread pools and lazy imports is not the step's memory
-model_info(Path(warm["base"]))
+meta_model(Path(warm["base"]))  # transformers' modeling code (model_info may answer from the state folder)
 merge_lora(Path(warm["base"]), Path(warm["adapter"]), Path(warm["out"]), Merge(strategy="streaming"))
 for name, job in jobs.items():
     if job["kind"] == "merge":
