@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def remember(kind: str, key: str, answer: Any) -> None:
     """Keep an answer (whole or not at all: written beside, then renamed). A state folder that cannot be written only
     costs the next run the check again; the run's own writes to it are checked where they matter."""
     path = _path(kind, key)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # sweeps check from threads
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"answer": answer}))
