@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,13 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))  # each test process's own, gone at its end
     os.environ["QUANTMILL_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    # This process's own Prefect client (in-process flows) reports to the `prefect server` its CLI runs share
-    # (tests/servers.py: shared_prefect_api, started before the first test) on a port reserved here: Prefect reads
-    # its settings once, on import. Each test process has its own; subprocess_env drops the URL again, so a CLI run
-    # starts Prefect's temporary server unless a test passes a server (served_env).
-    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{free_port()}/api"
+    # This process's own Prefect client (in-process flows) reports to the session's `prefect server`, which CLI runs
+    # share too (tests/servers.py: shared_prefect_api), on a port reserved here: Prefect reads its settings once, on
+    # import. subprocess_env drops the URL again, so a CLI run starts Prefect's temporary server unless a test passes
+    # the server (served_env).
+    from tests.servers import reserve_shared_api
+
+    os.environ["PREFECT_API_URL"] = reserve_shared_api()
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
@@ -61,6 +64,7 @@ DEAREST_FIRST = (
     "test_quantize_memory", "test_mixed_precision", "test_variant_memory", "test_benchmark_quantize", "test_bad_inputs",
     "test_quantize_methods", "test_checkpoint_dtypes", "test_fault_injection", "test_pipeline_e2e", "test_demo",
 )
+SERVER_THREAD = pytest.StashKey[threading.Thread]()
 SHARED_RUNS = ("demo_run", "demo_rerun")  # session fixtures too dear to compute on several workers
 
 
@@ -112,6 +116,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     items.sort(key=lambda item: (*qwen2_first(item), rank.get(module(item), len(rank)), module(item) not in slow,
                                  first[module(item)], position[item]))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """pytest-xdist's controller starts the session's Prefect server in the background while its workers start
+    (tests/servers.py: shared_prefect_api); it stops it once they have all ended (pytest_unconfigure)."""
+    if session.config.pluginmanager.has_plugin("dsession") and not session.config.option.collectonly:
+        from tests.servers import start_shared_server
+
+        thread = threading.Thread(target=start_shared_server, name="shared-prefect-server", daemon=True)
+        thread.start()
+        session.config.stash[SERVER_THREAD] = thread
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    thread = config.stash.get(SERVER_THREAD, None)
+    if thread is not None:
+        from tests.servers import stop_shared_server
+
+        thread.join(timeout=300)
+        stop_shared_server()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -225,8 +249,9 @@ MODEL_FIXTURES = {"demo_assets": demo_llama, "qwen2_assets": demo_qwen2, "tiny_a
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session: pytest.Session) -> None:
     """Under pytest-xdist, each worker builds a different one of the models the collected tests need before its first
-    test, then starts its Prefect server (`shared_prefect_api`): on a fresh clone the Llama and the Qwen2 train side
-    by side while the third worker, its small model built, makes the seed Prefect database (`seed_prefect_home`).
+    test, then waits for the session's Prefect server if it does not answer yet (`shared_prefect_api`): on a fresh
+    clone the Llama and the Qwen2 train side by side while the controller makes the seed Prefect database
+    (`seed_prefect_home`) and starts the server.
     The other models are built, or waited for, when a test first asks for one: a worker whose first tests need no
     Llama runs them while the Llama trains (the longest training: 128 s, and alone it keeps only about 1.25 of the two
     cores busy; measured 2026-12-02), instead of waiting for every model first."""

@@ -1,5 +1,5 @@
-"""Prefect servers for tests: one started per test (`prefect_server`), one per test process shared by its own flows
-and its CLI runs (`shared_prefect_api`), and the database a server leaves after its first start (`seed_prefect_home`)."""
+"""Prefect servers for tests: one started per test (`prefect_server`), one for the session shared by every test
+process's flows and CLI runs (`shared_prefect_api`), and the database a server leaves after its first start (`seed_prefect_home`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tests.conftest import free_port, subprocess_env
 PREFECT = [sys.executable, "-m", "prefect"]
 # Server services that no run on a shared server uses (no deployments, schedules, automations, pauses or
 # cancellations there; the deployment test starts its own server with every service): an idle server then costs
-# ≈ 1.0 s of CPU a minute instead of ≈ 1.4-2.0 (measured 2026-12-02), for each worker's server over the whole suite.
+# ≈ 1.0 s of CPU a minute instead of ≈ 1.4-2.0 (measured 2026-12-02), over the whole suite.
 UNUSED_SERVICES = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in (
     "SCHEDULER", "LATE_RUNS", "FOREMAN", "TRIGGERS", "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER",
     "PAUSE_EXPIRATIONS", "REPOSSESSOR", "DB_VACUUM")}
@@ -92,23 +92,66 @@ def prefect_server(root: Path, ui: bool = False) -> Iterator[str]:
         stop(proc)
 
 
+API_VAR = "QUANTMILL_TEST_PREFECT_API"  # the session's shared server: set by the first pytest process, inherited
+_owned: dict[str, object] = {}
+
+
+def reserve_shared_api() -> str:
+    """The URL of the session's shared Prefect server: a free loopback port chosen by the first pytest process (the
+    pytest-xdist controller, or the only process), which its workers inherit (pytest_configure, before any import of
+    Prefect, which reads its settings once)."""
+    if API_VAR not in os.environ:
+        os.environ[API_VAR] = f"http://127.0.0.1:{free_port()}/api"
+    return os.environ[API_VAR]
+
+
+def start_shared_server() -> None:
+    """Start the session's shared server (its owner: the controller, in a background thread at session start, so the
+    workers start beside it; or the only process, on first use)."""
+    port = int(os.environ[API_VAR].removesuffix("/api").rsplit(":", 1)[1])
+    root = Path(tempfile.mkdtemp(prefix="quantmill-prefect-"))
+    _owned["root"] = root
+    _owned["proc"] = start_prefect_server(root, port=port, **UNUSED_SERVICES)[1]
+
+
+def stop_shared_server() -> None:
+    """Stop the shared server this process started, and remove its folder."""
+    proc = _owned.pop("proc", None)
+    if isinstance(proc, subprocess.Popen):
+        stop(proc)
+    root = _owned.pop("root", None)
+    if isinstance(root, Path):
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @functools.cache
 def shared_prefect_api() -> str:
-    """The Prefect server of this test process (conftest: started before the first test, stopped at exit): its own
-    Prefect client's (in-process flows, on the URL pytest_configure reserved) and its CLI runs' (`served_env`).
+    """The one Prefect server of the test session: every test process's own Prefect client (in-process flows) and its
+    CLI runs (`served_env`) report to it. The pytest-xdist controller starts it (conftest: pytest_sessionstart) and
+    stops it after the workers end; a worker waits until it answers. One server instead of one per worker: each idle
+    server costs ≈ 1 s of CPU a minute beside what it serves, and ≈ 4 s to start (measured 2026-12-02).
 
     A `quantmill run` without PREFECT_API_URL starts Prefect's temporary server and migrates a fresh database for
     its state folder (≈ 12 s of CPU); runs that test something else report to this one instead, as a deployment's
     runs do. Tests of the temporary server itself (first-run console, crash safety) keep it. In-process flows did
     use a temporary server each test process started: two pytest-xdist workers starting theirs at the same moment
     could end up on one (Prefect picks a random port and takes the first server that answers there; seen
-    2026-12-02, the `gpu` concurrency limit of one worker's test appeared in another's)."""
-    port = int(os.environ["PREFECT_API_URL"].removesuffix("/api").rsplit(":", 1)[1])
-    root = Path(tempfile.mkdtemp(prefix="quantmill-prefect-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)  # at exit, after the server stops (atexit runs LIFO)
-    api, proc = start_prefect_server(root, port=port, **UNUSED_SERVICES)
-    atexit.register(stop, proc)
-    return api
+    2026-12-02). The tests of the `gpu` concurrency limit, the one server-wide setting a test changes, run on one
+    worker (test_concurrency: one xdist_group)."""
+    api = os.environ[API_VAR]
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # no controller: this process owns the server
+        start_shared_server()
+        atexit.register(stop_shared_server)
+        return api
+    deadline = time.time() + 600  # on a fresh clone the controller first makes the seed database (prefect_db)
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{api}/health", timeout=2).ok:
+                return api
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the session's Prefect server ({api}, started by pytest-xdist's controller) did not answer in 600 s")
 
 
 def served_env(home: Path, **extra: str) -> dict[str, str]:

@@ -12,6 +12,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from quantmill.tasks._gpu import GPU_LIMIT, gpu_slot, holding_gpu
 
+# The `gpu` limit lives on the session's shared Prefect server: these tests, which create, read and delete it, run
+# one after another on one worker (no other test touches it: their steps run on the CPU).
+pytestmark = pytest.mark.xdist_group("gpu-limit")
+
 
 @task
 def hold(device: str, seconds: float) -> tuple[float, float]:
