@@ -99,7 +99,7 @@ def check_texts(profile: Profile) -> None:
     key = memo.memo_key("texts", calibration=fingerprint(cal), evaluation=fingerprint(ev),  # sources by content
                         tokenizer={name: sha256_file(model_dir / name) for name in TOKENIZER_FILES
                                    if (model_dir / name).is_file()},
-                        libraries=memo.versions("transformers", "tokenizers"))
+                        libraries=memo.installed_versions("transformers", "tokenizers"))
     if memo.recall("texts", key):
         return  # these texts passed with this tokenizer before (quantmill.memo): no tokenizer to load
     from transformers import AutoTokenizer

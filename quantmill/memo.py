@@ -20,16 +20,17 @@ from quantmill import state
 from quantmill.hashing import stable_hash
 
 
-def versions(*dists: str) -> dict[str, str | None]:
-    """Installed versions of the distributions an answer depends on (part of its key)."""
+def installed_versions(*dists: str) -> dict[str, str]:
+    """Installed versions of distributions ("not installed" for a missing one): part of an answer's key, and the
+    libraries a run's lineage records (quantmill.tasks.track)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {}
+    out: dict[str, str] = {}
     for dist in dists:
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
-            out[dist] = None
+            out[dist] = "not installed"
     return out
 
 

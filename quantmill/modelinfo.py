@@ -60,7 +60,7 @@ def model_info(model_dir: Path) -> ModelInfo:
     """Architecture and linear in_features, from config.json alone (meta device, no weights); kept per config content
     and library versions (quantmill.memo)."""
     key = memo.memo_key("model-info", version=MODEL_INFO_VERSION, config=sha256_file(Path(model_dir) / "config.json"),
-                        keep=DEFAULT_KEEP, libraries=memo.versions("transformers", "torch"))
+                        keep=DEFAULT_KEEP, libraries=memo.installed_versions("transformers", "torch"))
     kept = memo.recall("model-info", key)
     if kept is not None:
         return ModelInfo(**kept)

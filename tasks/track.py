@@ -17,24 +17,12 @@ import quantmill
 from quantmill import state, tracking
 from quantmill.context import StepContext
 from quantmill.errors import retry_on_transient
+from quantmill.memo import installed_versions
 from quantmill.profile import Profile
 from quantmill.refs import Lineage, Variant
 from quantmill.tracking import child_run
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "bitsandbytes", "gptqmodel", "torchao", "prefect", "mlflow")
-
-
-def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that shape the outputs."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = "not installed"
-    return out
 
 
 @task(name="start-run", retries=3, retry_delay_seconds=2, retry_condition_fn=retry_on_transient)
@@ -54,7 +42,7 @@ def start_run(profile: Profile) -> str:
     run = client.create_run(exp, tags=tags)
     open_marker(run.info.run_id, str(flow_run or ""))
     params = tracking.flatten(profile.model_dump(mode="json"), "profile.")
-    params.update({f"lib.{k}": v for k, v in library_versions().items()})
+    params.update({f"lib.{k}": v for k, v in installed_versions(*LIBRARIES).items()})  # what shapes the outputs
     for i in range(0, len(params), 90):
         batch = dict(list(params.items())[i : i + 90])
         from mlflow.entities import Param
