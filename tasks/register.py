@@ -197,6 +197,13 @@ def promote(registry: Registry) -> dict[str, str]:
     """Point `candidate-<method>` at each method's newest version and `champion` at the best one."""
     client = tracking.client()
     name = registry.model_name
+    # read, then move: two runs of one model at once would both find an alias unset and both insert it (MLflow's
+    # SQLite store: UNIQUE constraint failed, seen 2026-12-02 in the two-concurrent-runs test)
+    with registry_lock(name):
+        return _move_aliases(client, name, registry)
+
+
+def _move_aliases(client, name: str, registry: Registry) -> dict[str, str]:  # noqa: ANN001 - an MlflowClient
     versions = [mv for mv in client.search_model_versions(f"name='{name}'") if mv.tags.get("gate") == "passed"]
     if not versions:
         return {}
