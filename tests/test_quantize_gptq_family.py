@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import textwrap
 import time
@@ -24,7 +23,7 @@ from quantmill.quantize.gptq_format import (
     unpack_int32,
 )
 from quantmill.quantize.rtn import rtn_quantize_model
-from tests.conftest import python_script
+from tests.fresh import run_script
 
 SEQ = 128
 CALIB_SAMPLES = 16
@@ -279,10 +278,11 @@ RELOAD = textwrap.dedent("""
 
 
 def reload_in_fresh_process(dirs: list[Path], probe: torch.Tensor, tmp: Path) -> list[tuple[int, dict, torch.Tensor]]:
-    """Load each checkpoint with transformers in a new process: (tokens generated, {linear: class}, probe logits)."""
+    """Load each checkpoint with transformers in a new process, nothing of quantmill in it (`run_script`): (tokens
+    generated, {linear: class}, probe logits)."""
     torch.save(probe, tmp / "probe.pt")
     args = json.dumps({"dirs": [str(d) for d in dirs], "tmp": str(tmp)})
-    proc = subprocess.run(python_script(RELOAD, args), capture_output=True, text=True, timeout=600)
+    proc = run_script(RELOAD, args, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.split("RESULT", 1)[1])
     return [(n, types, torch.load(tmp / f"logits{i}.pt")) for i, (n, types) in enumerate(info)]

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, QuantizeResult, build_config, get_method
 from quantmill.quantize import bnb, dynamic_int8, fp8
 from quantmill.quantize.common import audit_quantized
-from tests.conftest import python_script
+from tests.fresh import run_script
 
 METHODS = ("bnb-int8", "bnb-nf4", "bnb-fp4", "dynamic-int8", "fp8")
 STEPS = {**dict.fromkeys(METHODS[:3], (bnb.quantize_bnb, bnb.save_bnb)), "fp8": (fp8.quantize_fp8, fp8.save_fp8),
@@ -139,7 +138,8 @@ def tied_fp8(tmp_path_factory) -> Quantized:
 
 @pytest.fixture(scope="session")
 def reloaded(quantized, tied_fp8, eval_windows, tmp_path_factory) -> dict[str, dict]:
-    """Reload every checkpoint in ONE fresh CPU process; logits on a fixed batch and a greedy continuation."""
+    """Reload every checkpoint in ONE new CPU process (`run_script`); logits on a fixed batch and a greedy
+    continuation."""
     tmp = tmp_path_factory.mktemp("reload")
     ids, tiny_ids = eval_windows[:2, :32].clone(), torch.randint(0, 256, (2, 16), generator=torch.Generator())
     torch.save(ids, tmp / "ids.pt")
@@ -147,8 +147,7 @@ def reloaded(quantized, tied_fp8, eval_windows, tmp_path_factory) -> dict[str, d
     specs = [f"{q.out_dir}::{tmp / 'ids.pt'}" for q in quantized.values()] + [f"{tied_fp8.out_dir}::{tmp}/tiny_ids.pt"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(python_script(RELOAD_SCRIPT, str(tmp / "out.pt"), *specs),
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_script(RELOAD_SCRIPT, str(tmp / "out.pt"), *specs, cwd=tmp, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(f"\nfresh-process reload of {len(specs)} checkpoints: {time.perf_counter() - start:.1f}s")
     return {**torch.load(tmp / "out.pt"), "_ids": ids, "_tiny_ids": tiny_ids}

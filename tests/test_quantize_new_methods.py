@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +22,7 @@ from quantmill.errors import QuantmillError
 from quantmill.methods.registry import ModelInfo, QuantizeJob, build_config, get_method
 from quantmill.modelinfo import model_info
 from quantmill.quantize import gguf_export, w8a8
-from tests.conftest import python_script
+from tests.fresh import run_script
 from tests.test_quantize_gptq_family import (
     load_reference,
     max_logit_error,
@@ -196,10 +195,11 @@ FRESH = textwrap.dedent("""
 
 def fresh_process(base: Path, models: list[tuple[Path, str | None]], windows: torch.Tensor, text: str,
                   tmp: Path) -> dict[str, dict]:
-    """Load each checkpoint with transformers in a new process: ppl, KL to the fp model, logits on 2 windows, tokens."""
+    """Load each checkpoint with transformers in a new process (`run_script`): ppl, KL to the fp model, logits on 2
+    windows, tokens."""
     torch.save(windows, tmp / "windows.pt")
     args = json.dumps({"base": str(base), "models": [[str(d), g] for d, g in models], "tmp": str(tmp), "text": text})
-    proc = subprocess.run(python_script(FRESH, args), capture_output=True, text=True, timeout=900)
+    proc = run_script(FRESH, args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.split("RESULT", 1)[1])
     return {Path(d).name: found[str(d)] | {"logits": torch.load(tmp / f"logits{i}.pt")}
