@@ -1,13 +1,20 @@
-"""New processes for the tests' helper scripts that load checkpoints with plain transformers, forked from a template
-interpreter that has imported torch and transformers' model classes and nothing of quantmill.
+"""New processes for the tests' helper scripts and `quantmill` runs, forked from a template interpreter that has
+imported torch, transformers' model classes and MLflow, and nothing of quantmill or Prefect.
 
 A helper script proves that a checkpoint loads without anything of the process that wrote it: each ran in a new
 `python -c` and paid ≈ 7 s of CPU importing torch and transformers' modeling code before its first line (measured
-2026-12-03: 11 such scripts in a suite run). A child forked from the template starts with those modules in memory,
-and with nothing else: the template never imports quantmill, never runs a torch operation (so no OpenMP thread pool
-exists when it forks) and starts no thread. Each test process starts its template on first use and stops it at exit.
-Scripts that measure memory, need another environment at import, or test what a process imports keep
-`python_script` (a real `python -c`)."""
+2026-12-03: 11 such scripts in a suite run). A `quantmill run` whose steps come from the cache spends ≈ 5 of its ≈ 9 s
+of CPU importing torch and MLflow (≈ 25 CLI runs a suite run). A child forked from the template starts with those
+modules in memory, and with nothing else: the template never imports quantmill or Prefect (whose settings and
+logging read the run's environment at import), never runs a torch operation (so no OpenMP thread pool exists when it
+forks) and starts no thread of its own. A CLI child runs `python -m quantmill.flows.cli` as the interpreter would
+(`runpy`, `sys.path[0]` the working folder) and ends as the interpreter does (non-daemon threads joined, `atexit`
+handlers run). Each test process starts its template on first use and stops it at exit.
+
+What a forked child cannot show stays a real interpreter: what a process imports or its memory (probes), output at
+import time (the demo's console, read by the console tests), an environment torch or transformers read at import
+other than the test session's (a consumer's bare environment, the compiled step-release check), signals and process
+trees (crash safety), mounts (read-only storage)."""
 
 from __future__ import annotations
 
@@ -22,13 +29,13 @@ from pathlib import Path
 
 # The template: imports, then forks one child per request line on stdin, answering on its own copy of stdout
 # ({"pid"} when the child started, {"status"} when it ended). The child takes the request's working folder,
-# environment, argv and output files, then runs the script as `python -c` would (`__main__`, exit status 1 and a
-# traceback on an exception).
+# environment, argv and output files, then runs the script as `python -c` would, or the module as `python -m` would
+# (`__main__`; exit status 1 and a traceback on an exception), and ends as the interpreter does.
 TEMPLATE = r"""
-import json, os, sys, traceback
-import torch, transformers
+import atexit, json, os, runpy, sys, tempfile, threading, traceback
+import torch, transformers, mlflow
 from transformers import AutoModelForCausalLM, AutoTokenizer, modeling_utils
-assert not [m for m in sys.modules if m.split(".")[0] == "quantmill"], "the template imported quantmill"
+assert not [m for m in sys.modules if m.split(".")[0] in ("quantmill", "prefect")], "the template imported quantmill"
 reply = os.fdopen(os.dup(1), "w")
 os.dup2(2, 1)
 for line in sys.stdin:
@@ -39,6 +46,7 @@ for line in sys.stdin:
     if pid == 0:
         status = 1
         try:
+            os.close(reply.fileno())
             os.setsid()
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
@@ -47,9 +55,15 @@ for line in sys.stdin:
             os.chdir(req["cwd"])
             os.environ.clear()
             os.environ.update(req["env"])
-            sys.argv = ["-c", *req["args"]]
+            tempfile.tempdir = None  # read from TMPDIR again, as a new interpreter would
             try:
-                exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+                if "module" in req:
+                    sys.argv = ["-m", *req["args"]]  # run_module puts the module's path in argv[0]
+                    sys.path[0] = req["cwd"]
+                    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = ["-c", *req["args"]]
+                    exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
                 status = 0
             except SystemExit as exc:
                 status = exc.code if isinstance(exc.code, int) else (exc.code is not None)
@@ -57,6 +71,8 @@ for line in sys.stdin:
                     print(exc.code, file=sys.stderr)
             except BaseException:
                 traceback.print_exc()
+            threading._shutdown()  # the interpreter's exit: non-daemon threads, then atexit handlers
+            atexit._run_exitfuncs()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -114,10 +130,22 @@ def run_script(code: str, *args: str, timeout: float, cwd: Path | str | None = N
     from tests.conftest import python_script
 
     body = python_script(code)[2]  # the same script, quick exit included
+    return _run({"code": body, "args": list(args)}, ["template", "-c", code, *args], timeout, cwd, env)
+
+
+def run_cli(*args: str, timeout: float, cwd: Path | str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m quantmill.flows.cli ARGS` in a new process forked from the template (see the module's docstring), as
+    `subprocess.run(..., cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)` would run it."""
+    return _run({"module": "quantmill.flows.cli", "args": list(args)},
+                ["template", "-m", "quantmill.flows.cli", *args], timeout, cwd, env)
+
+
+def _run(request: dict, argv: list[str], timeout: float, cwd: Path | str | None,
+         env: dict[str, str] | None) -> subprocess.CompletedProcess:
     with _lock, tempfile.TemporaryDirectory(prefix="quantmill-script-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         proc = _started()
-        proc.stdin.write(json.dumps({"code": body, "args": list(args), "env": dict(os.environ if env is None else env),
+        proc.stdin.write(json.dumps({**request, "env": dict(os.environ if env is None else env),
                                      "cwd": str(cwd or os.getcwd()), "stdout": str(out), "stderr": str(err)}) + "\n")
         proc.stdin.flush()
         pid = _answer(proc, 60)["pid"]
@@ -127,5 +155,4 @@ def run_script(code: str, *args: str, timeout: float, cwd: Path | str | None = N
             os.killpg(pid, 9)
             _answer(proc, 60)
             raise
-        return subprocess.CompletedProcess(["template", "-c", code, *args], status,
-                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
+        return subprocess.CompletedProcess(argv, status, out.read_text(errors="replace"), err.read_text(errors="replace"))

@@ -10,13 +10,13 @@ import fcntl
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from quantmill.cachectl import human_size, parse_age
 from quantmill.errors import QuantmillError
+from tests import fresh
 from tests.conftest import demo_profile, write_profile
 from tests.servers import served_env
 
@@ -47,8 +47,7 @@ def setup(tmp_path_factory, demo_assets, warm_store):
 
 
 def cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=cwd, env=served_env(home),
-                          capture_output=True, text=True, timeout=1200)
+    return fresh.run_cli(*args, cwd=cwd, env=served_env(home), timeout=1200)  # a new process (tests/fresh.py)
 
 
 def cache(home: Path, monkeypatch, capsys, *args: str) -> str:

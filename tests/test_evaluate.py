@@ -7,8 +7,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from quantmill.refs import CheckpointRef, Lineage, ModelRef, Variant
 from quantmill.scoring import topk_kl
 from quantmill.tasks.evaluate import EVALUATE_CACHE, eval_data, evaluate
 from quantmill.windows import load_windows
+from tests import fresh
 from tests.conftest import REPO
 
 SPEED = {"batch_sizes": [1, 8], "new_tokens": 8, "warmup": 1, "repeats": 2}
@@ -372,8 +371,7 @@ def test_report_is_published_to_mlflow_and_reprinted_by_the_cli(setup, variants,
     assert client.get_run(run_id).data.tags["quantmill.gate.heavy-noise"].startswith("FAIL: perplexity")
 
     env = {**os.environ, "QUANTMILL_HOME": os.environ["QUANTMILL_HOME"]}
-    proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "report", run_id], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
+    proc = fresh.run_cli("report", run_id, cwd=REPO, env=env, timeout=300)  # a new process (tests/fresh.py)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in saved["rows"]:
         assert row["variant"] in proc.stdout and f"{row['perplexity']:.3f}" in proc.stdout

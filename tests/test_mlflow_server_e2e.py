@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests import fresh
 from tests.conftest import REPO, demo_profile, free_port, python_script, write_profile
 from tests.servers import served_env
 
@@ -94,8 +95,7 @@ def server_profile(path: Path, demo_assets, adapter: Path, store: Path, recipes:
 
 def run_pipeline(root: Path, profile: Path, uri: str) -> subprocess.CompletedProcess:
     env = served_env(root / "home", MLFLOW_TRACKING_URI=uri)
-    run = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(profile)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=2400)
+    run = fresh.run_cli("run", str(profile), cwd=REPO, env=env, timeout=2400)  # a new process (tests/fresh.py)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run
 

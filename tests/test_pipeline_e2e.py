@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from quantmill.hashing import hash_tree
+from tests import fresh
 from tests.conftest import REPO, model_cache
 from tests.servers import served_env
 
@@ -19,11 +19,9 @@ PASSED = sorted(BITS)  # every one of them passes its gate
 
 
 def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    """`quantmill ARGS` in a fresh process against the state folder `home`."""
+    """`quantmill ARGS` in a new process (forked: tests/fresh.py) against the state folder `home`."""
     env = served_env(home, QUANTMILL_DEMO_ROOT=str(model_cache()))
-    proc = subprocess.run(
-        [sys.executable, "-m", "quantmill.flows.cli", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=1200
-    )
+    proc = fresh.run_cli(*args, cwd=REPO, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from quantmill.errors import QuantmillError
 from quantmill.flows.cli import main
 from quantmill.presets import available, resolve
 from quantmill.recipes import Recipe
+from tests import fresh
 from tests.servers import served_env
 
 pytestmark = pytest.mark.usefixtures("prefect_ready")  # `main` with capsys: Prefect's log handlers outside it
@@ -120,8 +120,7 @@ CHEAPER = ("--set", "calibration.num_samples=8", "--set", "evaluation.max_tokens
 
 
 def _cli(home: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantmill.flows.cli", *args, *CHEAPER], cwd=cwd, env=served_env(home),
-                          capture_output=True, text=True, timeout=1500)
+    return fresh.run_cli(*args, *CHEAPER, cwd=cwd, env=served_env(home), timeout=1500)  # a new process (tests/fresh.py)
 
 
 @pytest.fixture(scope="module")
