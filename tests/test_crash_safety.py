@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests import fresh
 from tests.conftest import REPO, demo_profile, subprocess_env, write_profile
 from tests.servers import seed_prefect_home
 from tests.test_pipeline_e2e import step_states
@@ -24,14 +25,14 @@ def crash_profile(tmp_path: Path, assets, name: str = NAME) -> Path:
     return write_profile(tmp_path, demo_profile(assets, name, [{"method": "bnb-int8"}, {"method": "bnb-nf4"}]))
 
 
-def cli(home: Path, *args: str, **kw) -> subprocess.Popen:
-    """`quantmill ARGS` in its own session; runs watched for library log lines pass -v (shown live, not only in the debug log)."""
-    env = subprocess_env(home)
-    return subprocess.Popen([sys.executable, "-m", "quantmill.flows.cli", *args], cwd=REPO, env=env, text=True,
-                            start_new_session=True, **kw)
+def cli(home: Path, *args: str, log: Path | None = None) -> fresh.Forked:
+    """`quantmill ARGS` in a new process of its own session (forked: tests/fresh.py), its output (both streams) in
+    `log` if given; runs watched for library log lines pass -v (shown live, not only in the debug log)."""
+    output = {"stdout": log, "stderr": subprocess.STDOUT} if log else {}
+    return fresh.start_cli(*args, cwd=REPO, env=subprocess_env(home), **output)
 
 
-def finish(proc: subprocess.Popen) -> str:
+def finish(proc: fresh.Forked) -> str:
     out, err = proc.communicate(timeout=1200)
     assert proc.returncode == 0, (out or "")[-3000:] + (err or "")[-5000:]
     return out
@@ -86,15 +87,12 @@ def concurrent(tmp_path_factory, demo_assets, warm_store):
     profile = crash_profile(tmp, demo_assets)
     home = tmp / "home"
     warm_store(home / "artifacts")
-    # Output goes to files: a run blocked on a full stderr pipe while holding a store lock would stall the other.
-    files = [open(tmp / f"run{i}.log", "w+") for i in range(2)]
-    procs = [cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT) for fh in files]
+    files = [tmp / f"run{i}.log" for i in range(2)]
+    procs = [cli(home, "run", str(profile), "-v", log=log) for log in files]
     logs = []
-    for proc, fh in zip(procs, files):
+    for proc, log in zip(procs, files):
         proc.wait(timeout=1200)
-        fh.seek(0)
-        logs.append(fh.read())
-        fh.close()
+        logs.append(log.read_text())
         assert proc.returncode == 0, logs[-1][-5000:]
     return home, logs
 
@@ -123,16 +121,16 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
     warm_store(home / "artifacts")
     seed_prefect_home(home / "prefect")  # a state folder used before (the concurrent runs start in a new one)
     log = tmp_path / "killed.log"
-    with open(log, "w") as fh:
-        victim = cli(home, "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 900
-        while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
-            assert victim.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
-        started = psutil.Process(victim.pid).children(recursive=True)
-        assert any("uvicorn" in " ".join(c.cmdline()) for c in started)  # the temporary server
-        os.kill(victim.pid, signal.SIGKILL)  # the CLI only: what it started must not outlive it
-        victim.wait(30)
+    log.touch()
+    victim = cli(home, "run", str(profile), "-v", log=log)
+    deadline = time.time() + 900
+    while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
+        assert victim.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    started = psutil.Process(victim.pid).children(recursive=True)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in started)  # the temporary server
+    os.kill(victim.pid, signal.SIGKILL)  # the CLI only: what it started must not outlive it
+    victim.wait(30)
     deadline = time.time() + 30  # the watchdog stops the temporary server within seconds
     while alive(started) and time.time() < deadline:
         time.sleep(0.5)
@@ -141,7 +139,7 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
     scratch = home / "tmp" / str(victim.pid)
     assert scratch.is_dir()  # the killed run's temporary folder (library offload/scratch) is in the state folder
 
-    out = finish(cli(home, "run", str(profile), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    out = finish(cli(home, "run", str(profile)))
     states = dict(step_states(out))
     for step in ("download", "merge", "calibrate"):
         assert states[step] == "Cached", states
@@ -163,17 +161,17 @@ def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
 
     profile = crash_profile(tmp_path, demo_assets, "sigterm-test")
     log = tmp_path / "run.log"
+    log.touch()
     seed_prefect_home(tmp_path / "home" / "prefect")
-    with open(log, "w") as fh:
-        proc = cli(tmp_path / "home", "run", str(profile), "-v", stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.time() + 900
-        while time.time() < deadline and "Task run 'calibrate" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary server
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 128 + signal.SIGTERM
+    proc = cli(tmp_path / "home", "run", str(profile), "-v", log=log)
+    deadline = time.time() + 900
+    while time.time() < deadline and "Task run 'calibrate" not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM
     gone, still = psutil.wait_procs(children, timeout=30)
     assert not still, [c.cmdline() for c in still]
     assert leftovers(tmp_path / "home") == []

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, python_script
+from tests import fresh
+from tests.conftest import REPO
 
 MiB = 2**20
 DEEP = 7  # decoder layers of the deeper model
@@ -57,16 +57,16 @@ def make_model(folder: Path, layers: int, tokenizer_from: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def start_probe(method: str, model: Path, calib: Path, out: Path) -> subprocess.Popen:
+def start_probe(method: str, model: Path, calib: Path, out: Path) -> fresh.Forked:
+    """The probe in a new process, forked from a template that imported torch and transformers (tests/fresh.py)."""
     # GPTQModel's offload folder: its finalizer removes it, which the probe's quick exit (python_script) skips
     scratch = out.parent / f"tmp-{out.name}"
     scratch.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QUANTMILL_HOME": str(out.parent / "home"), "TMPDIR": str(scratch)}
-    return subprocess.Popen(python_script(PROBE, str(REPO), method, str(model), str(calib), str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return fresh.start_script(PROBE, str(REPO), method, str(model), str(calib), str(out), env=env)
 
 
-def peak_bytes(proc: subprocess.Popen) -> int:
+def peak_bytes(proc: fresh.Forked) -> int:
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads(stdout.split("RESULT", 1)[1])["peak"]
