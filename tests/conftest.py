@@ -35,9 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # share too (tests/servers.py: shared_prefect_api), on a port reserved here: Prefect reads its settings once, on
     # import. subprocess_env drops the URL again, so a CLI run starts Prefect's temporary server unless a test passes
     # the server (served_env).
+    from tests.fresh import reserve_socket
     from tests.servers import reserve_shared_api
 
     os.environ["PREFECT_API_URL"] = reserve_shared_api()
+    reserve_socket()  # the session's template for new processes (tests/fresh.py)
     os.environ["PREFECT_HOME"] = str(home / "prefect")
     os.environ["HF_HUB_OFFLINE"] = "1"
     # gptqmodel's CPU kernel (TorchLinear) torch.compiles its dequantizer on a GPTQ-format checkpoint's first forward:
@@ -120,9 +122,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """pytest-xdist's controller starts the session's Prefect server in the background while its workers start
-    (tests/servers.py: shared_prefect_api); it stops it once they have all ended (pytest_unconfigure)."""
+    (tests/servers.py: shared_prefect_api), and the template of new processes (tests/fresh.py); it stops them once
+    the workers have all ended (pytest_unconfigure)."""
     if session.config.pluginmanager.has_plugin("dsession") and not session.config.option.collectonly:
+        from tests.fresh import start_template
         from tests.servers import start_shared_server
+
+        start_template()
 
         thread = threading.Thread(target=start_shared_server, name="shared-prefect-server", daemon=True)
         thread.start()
@@ -132,10 +138,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     thread = config.stash.get(SERVER_THREAD, None)
     if thread is not None:
+        from tests.fresh import stop_template
         from tests.servers import stop_shared_server
 
         thread.join(timeout=300)
         stop_shared_server()
+        stop_template()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -9,14 +9,17 @@ modules in memory, and with nothing else: the template never imports quantmill o
 logging read the run's environment at import), never runs a torch operation (so no OpenMP thread pool exists when it
 forks) and starts no thread of its own. A CLI child runs `python -m quantmill.flows.cli` as the interpreter would
 (`runpy`, `sys.path[0]` the working folder) and ends as the interpreter does (non-daemon threads joined, `atexit`
-handlers run). Each test process starts its template on first use and stops it at exit.
+handlers run). The session has one template (≈ 8 s of CPU to start): pytest-xdist's controller starts it at
+session start, beside its workers, and each worker's requests go to a handler forked for its connection (a unix
+socket); a process without a controller starts its own on first use.
 
 A child is a process of its own session with its own pid, signals, children and memory: the crash-safety runs
-(SIGKILL, SIGTERM, two at once) and the GPTQ peak-memory probes (growth above what the child held after its imports)
-use it as they used `subprocess.Popen`. What a forked child cannot show stays a real interpreter: what a process
+(SIGKILL, SIGTERM, two at once), the GPTQ peak-memory probes (growth above what the child held after its imports)
+and the run whose memory per variant is measured (what the template holds, a run imports anyway) use it as they used
+`subprocess.Popen`. What a forked child cannot show stays a real interpreter: what a process
 imports, output at import time (the demo's console, read by the console tests), an environment torch, transformers
 or MLflow read at import other than the test session's (a consumer's bare environment, the compiled step-release
-check), a whole run's memory (test_variant_memory), mounts (read-only storage)."""
+check), mounts (read-only storage)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,118 +35,154 @@ import threading
 import time
 from pathlib import Path
 
-# The template: imports, then forks one child per request line on stdin and answers {"pid"} on its own copy of
-# stdout; when a child ends, its exit status goes to the request's status file (written by the SIGCHLD handler, so
-# that several children may run at once). The child takes the request's working folder, environment, argv and output
-# files, then runs the script as `python -c` would, or the module as `python -m` would (`__main__`; exit status 1 and
-# a traceback on an exception), and ends as the interpreter does.
+# The template: imports, then serves connections on a unix socket (its path: argv[1]), each in a forked handler
+# that forks one child per request line and answers {"pid"}; when a child ends, its exit status goes to the request's
+# status file (written by the handler's SIGCHLD handler, so that several children may run at once). The child takes
+# the request's working folder, environment, argv and output files, then runs the script as `python -c` would, or
+# the module as `python -m` would (`__main__`; exit status 1 and a traceback on an exception), and ends as the
+# interpreter does.
 TEMPLATE = r"""
-import atexit, json, os, runpy, signal, sys, tempfile, threading, traceback
+import atexit, json, os, runpy, signal, socket, sys, tempfile, threading, traceback
 import torch, transformers, mlflow
 from transformers import AutoModelForCausalLM, AutoTokenizer, modeling_utils
 assert not [m for m in sys.modules if m.split(".")[0] in ("quantmill", "prefect")], "the template imported quantmill"
-reply = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-status_files = {}
 
-def reap(*_):
-    while True:
+def run(req):
+    status = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+        os.setsid()
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 1)
+        os.dup2(1 if req["stderr"] == req["stdout"] else
+                os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 2)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        tempfile.tempdir = None  # read from TMPDIR again, as a new interpreter would
         try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        path = status_files.pop(pid)
-        with open(path + ".tmp", "w") as fh:
-            fh.write(str(os.waitstatus_to_exitcode(code)))
-        os.rename(path + ".tmp", path)
+            if "module" in req:
+                sys.argv = ["-m", *req["args"]]  # run_module puts the module's path in argv[0]
+                sys.path[0] = req["cwd"]
+                runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = ["-c", *req["args"]]
+                exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (exc.code is not None)
+            if not isinstance(exc.code, int) and exc.code is not None:
+                print(exc.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        threading._shutdown()  # the interpreter's exit: non-daemon threads, then atexit handlers
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
-signal.signal(signal.SIGCHLD, reap)
-for line in sys.stdin:
-    req = json.loads(line)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # reap() must find the pid's status file
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-            os.close(reply.fileno())
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 1)
-            os.dup2(1 if req["stderr"] == req["stdout"] else
-                    os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), 2)
-            os.chdir(req["cwd"])
-            os.environ.clear()
-            os.environ.update(req["env"])
-            tempfile.tempdir = None  # read from TMPDIR again, as a new interpreter would
+def serve(conn):
+    status_files = {}
+
+    def reap(*_):
+        while True:
             try:
-                if "module" in req:
-                    sys.argv = ["-m", *req["args"]]  # run_module puts the module's path in argv[0]
-                    sys.path[0] = req["cwd"]
-                    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
-                else:
-                    sys.argv = ["-c", *req["args"]]
-                    exec(compile(req["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
-                status = 0
-            except SystemExit as exc:
-                status = exc.code if isinstance(exc.code, int) else (exc.code is not None)
-                if not isinstance(exc.code, int) and exc.code is not None:
-                    print(exc.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            threading._shutdown()  # the interpreter's exit: non-daemon threads, then atexit handlers
-            atexit._run_exitfuncs()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-    status_files[pid] = req["status"]
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-    reply.write(json.dumps({"pid": pid}) + "\n")
-    reply.flush()
+                pid, code = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            path = status_files.pop(pid)
+            with open(path + ".tmp", "w") as fh:
+                fh.write(str(os.waitstatus_to_exitcode(code)))
+            os.rename(path + ".tmp", path)
+
+    signal.signal(signal.SIGCHLD, reap)
+    requests, reply = conn.makefile("r"), conn.makefile("w")
+    for line in requests:
+        req = json.loads(line)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # reap() must find the pid's status file
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            os.close(requests.fileno())
+            run(req)
+        status_files[pid] = req["status"]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+        reply.write(json.dumps({"pid": pid}) + "\n")
+        reply.flush()
+
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(16)
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers: reaped by the kernel
+sys.stdout.flush()
+sys.stderr.flush()
+while True:
+    conn, _ = server.accept()
+    if os.fork() == 0:
+        server.close()
+        serve(conn)
+        os._exit(0)
+    conn.close()
 """
 
+SOCKET_VAR = "QUANTMILL_TEST_TEMPLATE"  # the session's template: its socket, chosen by the first pytest process
 _lock = threading.Lock()
-_template: dict[str, subprocess.Popen] = {}
+_owned: dict[str, object] = {}
 
 
-def _started() -> subprocess.Popen:
-    """This process's template (started on first use, in this process's environment)."""
-    proc = _template.get("proc")
-    if proc is None or proc.poll() is not None:
-        proc = subprocess.Popen([sys.executable, "-c", TEMPLATE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True, bufsize=1)
-        _template["proc"] = proc
-        atexit.register(_stop, proc)
-    return proc
+def reserve_socket() -> str:
+    """The path of the session's template socket: chosen by the first pytest process (the pytest-xdist controller, or
+    the only process), inherited by its workers (pytest_configure)."""
+    if SOCKET_VAR not in os.environ:
+        os.environ[SOCKET_VAR] = str(Path(tempfile.mkdtemp(prefix="quantmill-template-")) / "socket")
+    return os.environ[SOCKET_VAR]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.stdin.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def start_template() -> None:
+    """Start the session's template (its owner: the controller at session start, beside its workers; or the only
+    process, on first use); its own output goes to a log beside the socket."""
+    path = Path(reserve_socket())
+    with open(path.parent / "template.log", "ab") as log:
+        _owned["proc"] = subprocess.Popen([sys.executable, "-c", TEMPLATE, str(path)], stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=log, start_new_session=True)
 
 
-def _answer(proc: subprocess.Popen, timeout: float) -> dict:
-    """The template's next reply line, or TimeoutExpired."""
-    got: list[str] = []
-    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not got:
-        raise subprocess.TimeoutExpired("template", timeout)
-    if not got[0]:
-        raise RuntimeError(f"the script template exited with {proc.wait()}")
-    return json.loads(got[0])
+def stop_template() -> None:
+    """Stop the template this process started (its handlers end with their connections) and remove its folder."""
+    proc = _owned.pop("proc", None)
+    if isinstance(proc, subprocess.Popen):
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(Path(reserve_socket()).parent, ignore_errors=True)
+
+
+def _connection() -> tuple[object, object]:
+    """This process's connection to the session's template: (requests, replies) files; waits while it starts."""
+    if "conn" not in _owned:
+        if os.environ.get("PYTEST_XDIST_WORKER") is None and "proc" not in _owned:  # no controller: this process owns it
+            start_template()
+            atexit.register(stop_template)
+        deadline = time.monotonic() + 600
+        while True:
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(reserve_socket())
+                break
+            except OSError:
+                sock.close()
+                proc = _owned.get("proc")
+                if time.monotonic() > deadline or (isinstance(proc, subprocess.Popen) and proc.poll() is not None):
+                    log = Path(reserve_socket()).parent / "template.log"
+                    raise RuntimeError("the test template did not start: " + (
+                        log.read_text(errors="replace")[-3000:] if log.exists() else "no log")) from None
+                time.sleep(0.2)
+        sock.settimeout(600)
+        _owned["conn"] = (sock, sock.makefile("w"), sock.makefile("r"))
+    return _owned["conn"][1:]
 
 
 class Forked:
@@ -159,16 +199,21 @@ class Forked:
         self._err = self._out if stderr == subprocess.STDOUT else Path(stderr) if stderr else self._tmp / "stderr"
         self._status = self._tmp / "status"
         with _lock:
-            proc = _started()
-            proc.stdin.write(json.dumps({**request, "env": dict(os.environ if env is None else env),
-                                         "cwd": str(cwd or os.getcwd()), "stdout": str(self._out),
-                                         "stderr": str(self._err), "status": str(self._status)}) + "\n")
-            proc.stdin.flush()
-            self.pid = _answer(proc, 60)["pid"]
+            requests, replies = _connection()
+            requests.write(json.dumps({**request, "env": dict(os.environ if env is None else env),
+                                       "cwd": str(cwd or os.getcwd()), "stdout": str(self._out),
+                                       "stderr": str(self._err), "status": str(self._status)}) + "\n")
+            requests.flush()
+            reply = replies.readline()
+            if not reply:
+                raise RuntimeError("the test template closed its connection")
+            self.pid = json.loads(reply)["pid"]
 
     def poll(self) -> int | None:
         if self.returncode is None and self._status.exists():
             self.returncode = int(self._status.read_text())
+            if self._tmp not in (self._out.parent, self._err.parent):  # no output of its own to read back
+                shutil.rmtree(self._tmp, ignore_errors=True)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -204,7 +249,7 @@ def start_script(code: str, *args: str, cwd: Path | str | None = None, env: dict
                  **output) -> Forked:
     """`code` (a `python_script` body) with `args` in a new process forked from the template, in this process's working
     folder and environment (or `cwd`, `env`: the child's own; what torch, transformers and MLflow read at import came
-    from this process's)."""
+    from the session's)."""
     from tests.conftest import python_script
 
     body = python_script(code)[2]  # the same script, quick exit included

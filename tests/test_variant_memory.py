@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import fresh
 from tests.conftest import REPO
 from tests.servers import served_env
 
@@ -53,9 +52,9 @@ def test_rss_after_fourth_variant_within_10_percent_of_first(demo_assets, tmp_pa
     }
     path = tmp_path / "profile.yaml"
     path.write_text(yaml.safe_dump(profile))
-    proc = subprocess.run([sys.executable, "-m", "quantmill.flows.cli", "run", str(path), "-v"], capture_output=True,
-                          text=True,
-                          cwd=REPO, env=served_env(tmp_path / "home"), timeout=1500)  # eager dequantizer (conftest)
+    # a new process (forked from the template, which holds what a run imports anyway: tests/fresh.py); eager
+    # dequantizer (conftest)
+    proc = fresh.run_cli("run", str(path), "-v", cwd=REPO, env=served_env(tmp_path / "home"), timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     after = [float(m) for m in re.findall(r"memory: process RSS (\d+) MiB after", out)]
