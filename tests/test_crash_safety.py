@@ -73,6 +73,22 @@ def flow_run_states(home: Path, ids: list[str]) -> dict[str, str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_until(home: Path, profile: Path, log: Path, line: str) -> tuple[fresh.Forked, list]:
+    """`quantmill run PROFILE -v` (output in `log`) until `line` shows; the run and the processes it has started by
+    then, Prefect's temporary server among them."""
+    import psutil
+
+    log.touch()
+    proc = cli(home, "run", str(profile), "-v", log=log)
+    deadline = time.time() + 900
+    while time.time() < deadline and line not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in started)  # the temporary server
+    return proc, started
+
+
 def alive(procs: list) -> list:
     from quantmill.state import pid_alive
 
@@ -112,7 +128,6 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
     """kill -9 of `quantmill run` alone (not its process group): nothing it started survives, the next run
     sweeps its scratch folder, closes its MLflow run (KILLED) and flow run (Crashed), and registers what an
     undisturbed run registers (the concurrent runs' registry is the reference)."""
-    import psutil
 
     profile = crash_profile(tmp_path, demo_assets)
     reference = concurrent[0]
@@ -120,15 +135,7 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
     home = tmp_path / "home"
     warm_store(home / "artifacts")
     seed_prefect_home(home / "prefect")  # a state folder used before (the concurrent runs start in a new one)
-    log = tmp_path / "killed.log"
-    log.touch()
-    victim = cli(home, "run", str(profile), "-v", log=log)
-    deadline = time.time() + 900
-    while time.time() < deadline and "quantizing with bitsandbytes" not in log.read_text():
-        assert victim.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-    started = psutil.Process(victim.pid).children(recursive=True)
-    assert any("uvicorn" in " ".join(c.cmdline()) for c in started)  # the temporary server
+    victim, started = run_until(home, profile, tmp_path / "killed.log", "quantizing with bitsandbytes")
     os.kill(victim.pid, signal.SIGKILL)  # the CLI only: what it started must not outlive it
     victim.wait(30)
     deadline = time.time() + 30  # the watchdog stops the temporary server within seconds
@@ -160,16 +167,8 @@ def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path, demo_assets):
     import psutil
 
     profile = crash_profile(tmp_path, demo_assets, "sigterm-test")
-    log = tmp_path / "run.log"
-    log.touch()
     seed_prefect_home(tmp_path / "home" / "prefect")
-    proc = cli(tmp_path / "home", "run", str(profile), "-v", log=log)
-    deadline = time.time() + 900
-    while time.time() < deadline and "Task run 'calibrate" not in log.read_text():
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert any("uvicorn" in " ".join(c.cmdline()) for c in children)  # the temporary server
+    proc, children = run_until(tmp_path / "home", profile, tmp_path / "run.log", "Task run 'calibrate")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 128 + signal.SIGTERM
     gone, still = psutil.wait_procs(children, timeout=30)
