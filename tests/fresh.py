@@ -27,6 +27,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +46,8 @@ TEMPLATE = r"""
 import atexit, json, os, runpy, signal, socket, sys, tempfile, threading, traceback
 import torch, transformers, mlflow
 from transformers import AutoModelForCausalLM, AutoTokenizer, modeling_utils
-assert not [m for m in sys.modules if m.split(".")[0] in ("quantmill", "prefect")], "the template imported quantmill"
+ours = sorted({m.split(".")[0] for m in sys.modules} & {"quantmill", "prefect"})
+assert not ours, f"the template imported {ours}"
 
 def run(req):
     status = 1
@@ -229,14 +231,14 @@ class Forked:
             os.kill(self.pid, sig)
 
     def kill(self) -> None:
-        self.send_signal(9)
+        self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Wait (on timeout: kill its process group, then raise TimeoutExpired); its output, as text."""
         try:
             self.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.pid, 9)
+            os.killpg(self.pid, signal.SIGKILL)
             self.wait(60)
             raise
         out = self._out.read_text(errors="replace") if self._out.parent == self._tmp else None

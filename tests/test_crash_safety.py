@@ -128,7 +128,6 @@ def test_kill_during_quantize_then_rerun(tmp_path, demo_assets, concurrent, warm
     """kill -9 of `quantmill run` alone (not its process group): nothing it started survives, the next run
     sweeps its scratch folder, closes its MLflow run (KILLED) and flow run (Crashed), and registers what an
     undisturbed run registers (the concurrent runs' registry is the reference)."""
-
     profile = crash_profile(tmp_path, demo_assets)
     reference = concurrent[0]
 
